@@ -1,0 +1,1177 @@
+"""Datasets for domain-generalised semantic segmentation, read in their distributed layouts.
+
+Every dataset yields an RGB image and a map of Cityscapes train ids (0..18, 255 = ignore),
+or 0..K-1 for a user's own `folder` of images. Raw label files are mapped through a
+256-entry look-up table while loading, so no conversion scripts are needed. The same
+module holds the paper's training augmentation and a procedural street-scene dataset
+with several visual domains that needs no download at all.
+
+    from data import TEST_SIZES, build_dataset, to_test_tensor
+    train = build_dataset("gta", "data/gta", "train", train=True)            # random 512 crops
+    val = build_dataset("cityscapes", None, "val", train=False)              # default root data/cityscapes
+    image, label = train[0]     # float32 (3, 512, 512) normalised, int64 (512, 512)
+    sample = val[0]             # dict(image=(3, h, w) at test scale, label=(H, W) full size, name, index)
+    rgb, ids = val.read(0)      # raw uint8 (H, W, 3) and uint8 (H, W), no resizing
+    image = to_test_tensor(my_rgb, TEST_SIZES["cityscapes"])  # any uint8 (H, W, 3) picture
+
+Names: gta, synthia, cityscapes, bdd, mapillary, acdc[:fog|night|rain|snow],
+synthetic[:game|photo|fog|night|rain] and folder (root required); `gta+synthia` joins
+sources into one training set. `parse_data("gta,cityscapes=/d/cs")` reads the
+command-line form. `python data.py` measures loading speed.
+"""
+
+import bisect
+import json
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+# ----------------------------------------------------------------------------------------
+# Classes, colours and normalisation
+# ----------------------------------------------------------------------------------------
+
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+    "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck",
+    "bus", "train", "motorcycle", "bicycle",
+)
+CITYSCAPES_PALETTE = np.array([
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
+    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
+    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
+    (0, 80, 100), (0, 0, 230), (119, 11, 32),
+], dtype=np.uint8)
+IGNORE = 255
+
+# ImageNet statistics on 0-255 RGB pixels, as DINOv2 was trained with.
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+
+
+def _fraction(x: np.ndarray) -> np.ndarray:
+    """x modulo 1, elementwise; numpy's float % is several times slower."""
+    return x - np.floor(x)
+
+
+# Colour conversions work channel-first, (3, ...): each channel is then one contiguous
+# plane, several times faster in numpy than strided (..., 3) pixels.
+
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """(3, ...) RGB in [0, 255] -> (3, ...) hue in [0, 1), saturation in [0, 1], value in [0, 255]."""
+    red, green, blue = rgb
+    value = np.maximum(np.maximum(red, green), blue)
+    chroma = value - np.minimum(np.minimum(red, green), blue)
+    safe = np.where(chroma > 0, chroma, 1)  # grey pixels: any hue, keep the division finite
+    hue = np.where(value == red, (green - blue) / safe,
+                   np.where(value == green, (blue - red) / safe + 2, (red - green) / safe + 4))
+    saturation = chroma / np.where(value > 0, value, 1)
+    return np.stack([_fraction(hue / 6), saturation, value])
+
+
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    """(3, ...) hue in [0, 1), saturation in [0, 1], value in [0, 255] -> (3, ...) RGB in [0, 255]."""
+    hue, saturation, value = hsv[0:1], hsv[1:2], hsv[2:3]
+    # Each channel n in (R, G, B) = (5, 3, 1) falls off along the hue circle from its own peak.
+    peaks = np.array([5, 3, 1], dtype=hsv.dtype).reshape(3, *[1] * (hsv.ndim - 1))  # (3, 1, ...)
+    k = 6 * _fraction(peaks / 6 + hue)  # (3, ...) = (n + 6 hue) mod 6
+    return value * (1 - saturation * np.clip(np.minimum(k, 4 - k), 0, 1))
+
+
+def palette_for(num_classes: int) -> np.ndarray:
+    """(K, 3) uint8 colours: Cityscapes' for 19 classes, else K distinct colours around the hue circle."""
+    if num_classes == len(CITYSCAPES_CLASSES):
+        return CITYSCAPES_PALETTE.copy()
+    i = np.arange(num_classes)
+    # Golden-ratio steps keep any prefix of hues well spread; alternating saturation and
+    # brightness separate neighbours further.
+    hsv = np.stack([_fraction(i * 0.6180339887), 0.55 + 0.45 * (i % 2), 255 * (1 - 0.35 * (i // 2 % 2))])
+    return hsv_to_rgb(hsv).T.round().astype(np.uint8)  # (3, K) -> (K, 3)
+
+
+def colorize(label: np.ndarray | torch.Tensor, palette: np.ndarray = CITYSCAPES_PALETTE) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8 colours; ignore (255) and unknown ids are black."""
+    label = np.asarray(label)
+    if label.dtype != np.uint8 and label.size and (label.min() < 0 or label.max() > 255):
+        raise ValueError(f"colorize expects class ids in 0..255, got values {label.min()}..{label.max()}")
+    table = np.zeros((256, 3), dtype=np.uint8)
+    table[: len(palette)] = palette
+    return table[label.astype(np.uint8)]
+
+
+# ----------------------------------------------------------------------------------------
+# Label ids: raw values in the distributed files -> train ids
+# ----------------------------------------------------------------------------------------
+
+# Cityscapes label id -> train id; GTAV and ACDC label files use the same ids (0..33).
+CITYSCAPES_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+                          23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+# Synthia RAND-CITYSCAPES class id (0..22) -> train id; terrain, truck and train never occur in its images.
+SYNTHIA_ID_TO_TRAIN = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9,
+                       1: 10, 10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
+# Mapillary names that are not one of the 19 map by the words they contain, in this order.
+MAPILLARY_RULES = (
+    (("trafficsign", "front", "back"), 7),
+    (("onrail",), 16),
+    (("cyclist", "rider"), 12),
+    (("pole", "streetlight"), 5),
+    (("curb", "pedestrianarea"), 1),
+    (("crosswalkplain", "parking", "bikelane", "servicelane", "lanemarking"), 0),
+)
+
+
+def mapillary_train_id(readable: str) -> int:
+    """Train id of a Mapillary class from its readable name (e.g. "Curb Cut" -> 1), 255 if none."""
+    key = readable.lower().replace(" ", "").replace("-", "")
+    exact = {name.replace(" ", ""): i for i, name in enumerate(CITYSCAPES_CLASSES)}
+    if key in exact:
+        return exact[key]
+    for words, train_id in MAPILLARY_RULES:
+        if any(word in key for word in words):
+            return train_id
+    return IGNORE
+
+
+def _mapillary_names(root: Path) -> list[str]:
+    """Readable class names, in label-value order, from the dataset's own config file."""
+    candidates = (root / "config_v1.2.json", root / "config.json")
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"Mapillary's class list {candidates[0]} not found; it ships with "
+                                "the dataset and defines what each label value means")
+    try:
+        names = [entry["readable"] for entry in json.loads(path.read_text())["labels"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a Mapillary config: expected a 'labels' list of entries "
+                         f"with a 'readable' name ({error!r})") from error
+    if not 0 < len(names) <= 255:
+        raise ValueError(f"{path} lists {len(names)} classes; expected 1..255")
+    return names
+
+
+def _lookup(mapping: dict[int, int], known: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(256,) uint8 table raw value -> train id (255 unless mapped) and (256,) bool known raw values."""
+    lut = np.full(256, IGNORE, dtype=np.uint8)
+    lut[list(mapping)] = list(mapping.values())
+    is_known = np.zeros(256, dtype=bool)
+    is_known[list(known)] = True
+    return lut, is_known
+
+
+def _identity_table(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tables for labels that already hold train ids 0..K-1 with 255 as ignore."""
+    return _lookup({i: i for i in range(num_classes)}, [*range(num_classes), IGNORE])
+
+
+def _label_table(name: str, root: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """Look-up table and known raw values for the label files of dataset `name` (no subset).
+
+    `name` "trainids" stands for already converted `_labelTrainIds.png` files.
+    """
+    if name in ("cityscapes", "gta", "acdc"):
+        return _lookup(CITYSCAPES_ID_TO_TRAIN, range(34))
+    if name == "synthia":
+        return _lookup(SYNTHIA_ID_TO_TRAIN, range(23))
+    if name == "mapillary":
+        names = _mapillary_names(Path(root or DATA_ROOTS["mapillary"]))
+        mapping = {i: mapillary_train_id(n) for i, n in enumerate(names)}
+        return _lookup({i: t for i, t in mapping.items() if t != IGNORE}, range(len(names)))
+    if name == "folder":
+        if root is None:
+            raise ValueError("the folder dataset needs a root: folder=PATH")
+        return _identity_table(len(_folder_classes(Path(root))))
+    return _identity_table(len(CITYSCAPES_CLASSES))  # bdd, synthetic, trainids
+
+
+def label_lut(name: str, root: str | Path | None = None) -> np.ndarray:
+    """(256,) uint8 table from the raw label values of dataset `name` to train ids (255 = ignore).
+
+    Mapillary reads its config from `root` (default data/mapillary); folder needs `root`.
+    """
+    parts = _split_name(name)
+    if len(parts) > 1:
+        raise ValueError(f"label_lut takes one dataset, got {name!r}")
+    return _label_table(parts[0][0], None if root is None else Path(root))[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Reading image and label files
+# ----------------------------------------------------------------------------------------
+
+def _open(path: Path, *, low_byte: bool = False) -> Image.Image:
+    """Decode an image file completely; errors name the file. `low_byte`: see _read_label."""
+    try:
+        image = Image.open(path)
+        if low_byte:
+            # Pillow keeps only the high byte of 16-bit colour PNGs; unpacking the same
+            # big-endian data as little-endian makes it keep the low byte instead.
+            image.tile = [tile._replace(args=tile.args.replace(";16B", ";16L")) for tile in image.tile]
+        image.load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for corrupt or truncated files
+        raise ValueError(f"cannot read image {path}: {error}") from error
+    return image
+
+
+def _read_rgb(path: Path) -> Image.Image:
+    """An image file as an RGB PIL image."""
+    image = _open(path)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _png_bit_depth(path: Path) -> int:
+    """Bits per channel of a PNG file (byte 24, inside the IHDR chunk); 8 for other formats."""
+    with open(path, "rb") as file:
+        head = file.read(25)
+    return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 25 else 8
+
+
+def _read_label(path: Path, *, first_channel: bool) -> np.ndarray:
+    """(H, W) raw label values, uint8 or wider for 16-bit files.
+
+    first_channel: take the first channel of a colour label file (Synthia's 16-bit PNGs
+    keep the class there); otherwise colour label files are an error.
+    """
+    image = _open(path)
+    if image.mode in ("L", "P", "1") or image.mode.startswith("I"):
+        values = np.asarray(image)
+        return values.astype(np.uint8) if image.mode == "1" else values
+    if not first_channel:
+        raise ValueError(f"label file {path} has {image.mode} pixels; expected one channel of class "
+                         "ids (an 8-bit grey or palette PNG)")
+    high = np.asarray(image)[..., 0]
+    if _png_bit_depth(path) != 16:
+        return high
+    low = np.asarray(_open(path, low_byte=True))[..., 0]
+    return (high.astype(np.uint16) << 8) | low
+
+
+# ----------------------------------------------------------------------------------------
+# Training augmentation (FACTS.md section 4) and test-time resizing
+# ----------------------------------------------------------------------------------------
+
+def choose_crop(label: np.ndarray, crop_size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner (top, left) of a random crop of (H, W) `label`, mmseg's cat_max_ratio rule.
+
+    The window is crop_size square, or the whole side where the label is smaller. It is
+    re-drawn up to 10 times until at least two classes show and none covers 75% or more of
+    its labelled pixels; the last draw is kept if none qualifies.
+    """
+    height, width = label.shape
+    crop_h, crop_w = min(crop_size, height), min(crop_size, width)
+    for _ in range(11):
+        top, left = int(rng.integers(height - crop_h + 1)), int(rng.integers(width - crop_w + 1))
+        window = label[top:top + crop_h, left:left + crop_w].ravel()  # (crop_h * crop_w,)
+        counts = np.bincount(window, minlength=256)[:IGNORE]
+        if np.count_nonzero(counts) > 1 and counts.max() < 0.75 * counts.sum():
+            break
+    return top, left
+
+
+def random_resize_crop_flip(image: Image.Image, label: np.ndarray, rng: np.random.Generator,
+                            crop_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Geometric part of the training augmentation: uint8 (h, w, 3) and (h, w), h, w <= crop_size.
+
+    Resize so the short side is crop_size * k / 10 for k in 5..20 (long side at most
+    4 * crop_size), image bilinear and label nearest; crop by `choose_crop`; flip with p 0.5.
+    """
+    width, height = image.size
+    short = crop_size * int(rng.integers(5, 21)) // 10
+    scale = min(short / min(width, height), 4 * crop_size / max(width, height))
+    size = (int(width * scale + 0.5), int(height * scale + 0.5))
+    resized = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+    top, left = choose_crop(resized, crop_size, rng)
+    bottom, right = top + min(crop_size, size[1]), left + min(crop_size, size[0])
+    label = resized[top:bottom, left:right]
+    # Resize only the window the crop keeps: Pillow's box gives the same pixels as resizing
+    # the whole image and cropping, for a fraction of the work.
+    step_x, step_y = width / size[0], height / size[1]
+    box = (left * step_x, top * step_y, min(right * step_x, width), min(bottom * step_y, height))
+    rgb = np.asarray(image.resize((right - left, bottom - top), Image.BILINEAR, box=box))
+    if rng.random() < 0.5:
+        rgb, label = rgb[:, ::-1], label[:, ::-1]
+    return rgb, label
+
+
+def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """mmseg's PhotoMetricDistortion on float32 (3, h, w) RGB in [0, 255] -> the same, distorted.
+
+    Each step with p 0.5: brightness +-32, contrast x0.5-1.5 (first or last, at random),
+    saturation x0.5-1.5 and hue +-18 (OpenCV's 0..180 hue units) in HSV.
+    """
+    if rng.random() < 0.5:
+        image = np.clip(image + rng.uniform(-32, 32), 0, 255)
+    contrast = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else 1.0
+    contrast_first = rng.random() < 0.5
+    if contrast_first and contrast != 1.0:
+        image = np.clip(image * contrast, 0, 255)
+    saturation = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else 1.0
+    hue = int(rng.integers(-18, 19)) / 180 if rng.random() < 0.5 else 0.0
+    if saturation != 1.0 or hue != 0.0:
+        hsv = rgb_to_hsv(image)
+        hsv[1] = np.minimum(hsv[1] * saturation, 1)
+        hsv[0] = _fraction(hsv[0] + hue)
+        image = hsv_to_rgb(hsv)
+    if not contrast_first and contrast != 1.0:
+        image = np.clip(image * contrast, 0, 255)
+    return image
+
+
+def channels_first(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32."""
+    return rgb.transpose(2, 0, 1).astype(np.float32)  # (H, W, 3) -> (3, H, W)
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """(3, H, W) RGB in [0, 255] -> (3, H, W) float32, ImageNet-normalised."""
+    return (image - np.float32(MEAN)[:, None, None]) / np.float32(STD)[:, None, None]
+
+
+def pad_to_square(image: np.ndarray, label: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (3, h, w) and (h, w) at the bottom and right to (3, size, size) float32 and (size, size) int64.
+
+    The image is padded with 0 after normalisation (the mean colour), the label with 255.
+    """
+    height, width = label.shape
+    image = np.pad(image, ((0, 0), (0, size - height), (0, size - width)))
+    label = np.pad(label, ((0, size - height), (0, size - width)), constant_values=IGNORE)
+    return torch.from_numpy(image), torch.from_numpy(label.astype(np.int64))
+
+
+def train_transform(image: Image.Image, label: np.ndarray, rng: np.random.Generator,
+                    crop_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full training augmentation: RGB image, (H, W) train ids -> (3, crop, crop) float32, (crop, crop) int64."""
+    rgb, label = random_resize_crop_flip(image, label, rng, crop_size)
+    image = normalize(photometric_distortion(channels_first(rgb), rng))
+    return pad_to_square(image, label, crop_size)
+
+
+def to_test_tensor(image: Image.Image | np.ndarray, size: tuple[int, int] | None) -> torch.Tensor:
+    """RGB image (PIL or uint8 (H, W, 3)) -> float32 (3, h, w) normalised, at the test size.
+
+    Bilinear resize keeping the aspect ratio, mmseg's keep_ratio rule for size (long, short):
+    the factor is min(long / long side, short / short side). None keeps the image as is.
+    """
+    image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    if size is not None:
+        width, height = image.size
+        factor = min(size[0] / max(width, height), size[1] / min(width, height))
+        image = image.resize((int(width * factor + 0.5), int(height * factor + 0.5)), Image.BILINEAR)
+    return torch.from_numpy(normalize(channels_first(np.asarray(image))))
+
+
+# ----------------------------------------------------------------------------------------
+# Dataset objects
+# ----------------------------------------------------------------------------------------
+
+class SegmentationDataset(Dataset):
+    """Shared behaviour: class names and colours, raw reads and the train / eval transforms.
+
+    Subclasses provide `__len__`, `stem(index)` and `_load(index) -> (RGB PIL image,
+    (H, W) uint8 train ids)`.
+    """
+
+    def __init__(self, *, name: str, classes: tuple[str, ...], train: bool, crop_size: int,
+                 test_size: tuple[int, int] | None) -> None:
+        self.name = name
+        self.classes = classes
+        self.palette = palette_for(len(classes))
+        self.train = train
+        self.crop_size = crop_size
+        self.test_size = test_size
+        self.has_labels = True
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw sample at full resolution: RGB uint8 (H, W, 3) and train ids uint8 (H, W)."""
+        image, label = self._load(index)
+        return np.asarray(image), label
+
+    def augment(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training sample `index` augmented with `rng`: (3, crop, crop) float32, (crop, crop) int64."""
+        image, label = self._load(index)
+        return train_transform(image, label, rng, self.crop_size)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | dict:
+        """train: ((3, crop, crop) float32, (crop, crop) int64); else dict(image=(3, h, w) at
+        test scale, label=(H, W) int64 at full resolution, name=file stem, index)."""
+        if self.train:
+            # DataLoader seeds torch per worker, so drawing the numpy seed from torch keeps
+            # workers distinct; train.py passes its own per-sample seeds to `augment` instead.
+            return self.augment(index, np.random.default_rng(int(torch.randint(2**62, ()).item())))
+        image, label = self._load(index)
+        return dict(image=to_test_tensor(image, self.test_size), label=torch.from_numpy(label.astype(np.int64)),
+                    name=self.stem(index), index=index)
+
+
+class FileDataset(SegmentationDataset):
+    """Image files paired with label files whose raw values map to train ids through a table.
+
+    pairs: (image path, label path or None where the split publishes no labels).
+    lut, known: (256,) raw value -> train id, and which raw values the dataset defines;
+    other values become 255, are counted in `unknown_pixels` and warned about once.
+    """
+
+    def __init__(self, *, name: str, pairs: list[tuple[Path, Path | None]], lut: np.ndarray,
+                 known: np.ndarray, classes: tuple[str, ...], train: bool, crop_size: int,
+                 test_size: tuple[int, int] | None, first_channel: bool = False) -> None:
+        super().__init__(name=name, classes=classes, train=train, crop_size=crop_size, test_size=test_size)
+        self.pairs = pairs
+        self.lut = lut
+        self.known = known
+        self.first_channel = first_channel
+        self.has_labels = all(label is not None for _, label in pairs)
+        self.unknown_pixels = 0
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def stem(self, index: int) -> str:
+        return self.pairs[index][0].stem
+
+    def _load(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        image_path, label_path = self.pairs[index]
+        image = _read_rgb(image_path)
+        if label_path is None:
+            return image, np.full(image.size[::-1], IGNORE, dtype=np.uint8)
+        raw = _read_label(label_path, first_channel=self.first_channel)
+        if raw.shape != image.size[::-1]:
+            raise ValueError(f"label {label_path} is {raw.shape[1]}x{raw.shape[0]} but image "
+                             f"{image_path} is {image.size[0]}x{image.size[1]}")
+        return image, self._map(raw, label_path)
+
+    def _map(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        """(H, W) raw values -> (H, W) uint8 train ids, counting values the dataset does not define."""
+        wide = 0
+        if raw.dtype != np.uint8:  # 16-bit files: values past the table are unknown too
+            over = (raw < 0) | (raw > 255)
+            wide = int(np.count_nonzero(over))
+            raw = np.where(over, 255, raw).astype(np.uint8)
+        values = Image.fromarray(raw)
+        counts = np.array(values.histogram())  # Pillow counts and maps in C, several times faster than numpy
+        counts[255] -= wide  # the stand-ins for values past the table are counted apart
+        unknown = counts * ~self.known
+        total = int(unknown.sum()) + wide
+        if total:
+            if not self.unknown_pixels:
+                shown = np.flatnonzero(unknown).tolist() + (["> 255"] if wide else [])
+                warnings.warn(f"{path}: {total} pixels hold label values {shown} that {self.name} does "
+                              "not define; they are ignored (255). Later ones are only counted in "
+                              "dataset.unknown_pixels.", stacklevel=2)
+            self.unknown_pixels += total
+        return np.asarray(values.point(self.lut.tolist()))
+
+
+class CombinedDataset(ConcatDataset):
+    """Several datasets with the same classes read as one, e.g. gta+synthia (Table 4)."""
+
+    def __init__(self, datasets: Sequence[SegmentationDataset], *, name: str) -> None:
+        first = datasets[0]
+        for other in datasets[1:]:
+            if other.classes != first.classes:
+                raise ValueError(f"cannot combine {first.name} ({first.num_classes} classes) with "
+                                 f"{other.name} ({other.num_classes} classes): class lists differ")
+        super().__init__(datasets)
+        self.name = name
+        self.classes = first.classes
+        self.palette = first.palette
+        self.has_labels = all(d.has_labels for d in datasets)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def unknown_pixels(self) -> int:
+        return sum(getattr(d, "unknown_pixels", 0) for d in self.datasets)
+
+    def member(self, index: int) -> tuple[SegmentationDataset, int]:
+        """The member dataset that holds `index`, and the index within it."""
+        member = bisect.bisect_right(self.cumulative_sizes, index)
+        start = self.cumulative_sizes[member - 1] if member else 0
+        return self.datasets[member], index - start
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        dataset, index = self.member(index)
+        return dataset.read(index)
+
+    def augment(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        dataset, index = self.member(index)
+        return dataset.augment(index, rng)
+
+
+# ----------------------------------------------------------------------------------------
+# Distributed layouts (FACTS.md section 5)
+# ----------------------------------------------------------------------------------------
+
+DATA_ROOTS = {
+    "gta": "data/gta", "synthia": "data/synthia", "cityscapes": "data/cityscapes",
+    "bdd": "data/bdd100k", "mapillary": "data/mapillary", "acdc": "data/acdc",
+}
+# Test-time size (long, short), fitted keeping the aspect ratio; missing means no resize.
+TEST_SIZES = {
+    "cityscapes": (1024, 512), "mapillary": (1024, 512), "gta": (1024, 512),
+    "synthia": (1024, 512), "bdd": (1280, 720), "acdc": (960, 540),
+}
+ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
+SYNTHETIC_DOMAINS = ("game", "photo", "fog", "night", "rain")
+SUBSETS = {"acdc": ACDC_CONDITIONS, "synthetic": SYNTHETIC_DOMAINS}
+# GTAV and Synthia ship no split: the paper trains on every image, and `val` reads them too.
+SPLITS = {
+    "gta": ("train", "val"), "synthia": ("train", "val"), "cityscapes": ("train", "val", "test"),
+    "bdd": ("train", "val"), "mapillary": ("train", "val"), "acdc": ("train", "val", "test"),
+    "synthetic": ("train", "val", "test"), "folder": ("train", "val", "test"),
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+
+
+class _Files(NamedTuple):
+    """What a layout reader finds: the pairs and how to read their labels."""
+    pairs: list[tuple[Path, Path | None]]
+    label_table: tuple[np.ndarray, np.ndarray]
+    classes: tuple[str, ...] = CITYSCAPES_CLASSES
+    first_channel: bool = False
+
+
+def _expect(root: Path, name: str, folders: Sequence[str]) -> None:
+    """Fail with the expected layout unless every folder exists under root."""
+    expected = " and ".join(folders)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name} root {root} is not an existing folder; expected {expected} under it "
+                                f"(pass the dataset's folder as {name}=PATH)")
+    missing = [folder for folder in folders if not (root / folder).is_dir()]
+    if missing:
+        found = sorted(p.name for p in root.iterdir())[:20]
+        raise FileNotFoundError(f"expected {expected} under {root} for {name}, but "
+                                f"{', '.join(missing)} is missing (found: {found or 'nothing'})")
+
+
+def _match(images: list[Path], labels_for: Callable[[Path], tuple[Path, ...]],
+           where: str) -> tuple[list[tuple[Path, Path]], int]:
+    """Pair each image with its label file, by name.
+
+    labels_for gives the candidate label paths of an image in order of preference (raw ids
+    first, then converted train ids); the first candidate that any image has is used for
+    all. Returns the pairs and the index of that candidate. `where` describes the search.
+    """
+    if not images:
+        raise ValueError(f"no images found: {where}")
+    for option in range(len(labels_for(images[0]))):
+        labels = [labels_for(image)[option] for image in images]
+        found = [label.is_file() for label in labels]
+        if any(found):
+            break
+    missing = [image for image, ok in zip(images, found) if not ok]
+    if missing:
+        names = ", ".join(image.name for image in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        example = labels[found.index(False)]
+        raise FileNotFoundError(f"{len(missing)} of {len(images)} images have no label file "
+                                f"(expected e.g. {example}): {names}")
+    return list(zip(images, labels)), option
+
+
+def _pair_unless_test(images: list[Path], labels_for: Callable[[Path], tuple[Path, ...]], where: str,
+                 split: str, name: str) -> tuple[list[tuple[Path, Path | None]], tuple[np.ndarray, np.ndarray]]:
+    """_match for labelled splits; a test split publishes no labels. Returns pairs and label tables."""
+    if split == "test":
+        if not images:
+            raise ValueError(f"no images found: {where}")
+        return [(image, None) for image in images], _label_table(name, None)
+    pairs, option = _match(images, labels_for, where)
+    return pairs, _label_table("trainids" if option else name, None)
+
+
+def _gta_files(root: Path, split: str, subset: str | None) -> _Files:
+    _expect(root, "gta", ["images", "labels"])
+    images = sorted((root / "images").glob("*.png"))
+    pairs, option = _match(images, lambda p: (root / "labels" / p.name,
+                                              root / "labels" / f"{p.stem}_labelTrainIds.png"),
+                           f"{root}/images/*.png")
+    return _Files(pairs, _label_table("trainids" if option else "gta", None))
+
+
+def _synthia_files(root: Path, split: str, subset: str | None) -> _Files:
+    _expect(root, "synthia", ["RGB", "GT/LABELS"])
+    labels = root / "GT" / "LABELS"
+    images = sorted((root / "RGB").glob("*.png"))
+    pairs, option = _match(images, lambda p: (labels / p.name, labels / f"{p.stem}_labelTrainIds.png"),
+                           f"{root}/RGB/*.png")
+    return _Files(pairs, _label_table("trainids" if option else "synthia", None), first_channel=not option)
+
+
+def _cityscapes_files(root: Path, split: str, subset: str | None) -> _Files:
+    _expect(root, "cityscapes", [f"leftImg8bit/{split}"] + ([] if split == "test" else [f"gtFine/{split}"]))
+    images = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
+
+    def labels_for(image: Path) -> tuple[Path, ...]:
+        base = root / "gtFine" / split / image.parent.name / image.name.removesuffix("_leftImg8bit.png")
+        return Path(f"{base}_gtFine_labelIds.png"), Path(f"{base}_gtFine_labelTrainIds.png")
+
+    return _Files(*_pair_unless_test(images, labels_for, f"{root}/leftImg8bit/{split}/CITY/*_leftImg8bit.png",
+                                split, "cityscapes"))
+
+
+def _bdd_files(root: Path, split: str, subset: str | None) -> _Files:
+    masks = root / "labels" / "sem_seg" / "masks" / split
+    _expect(root, "bdd", [f"images/10k/{split}", f"labels/sem_seg/masks/{split}"])
+    images = sorted((root / "images" / "10k" / split).glob("*.jpg"))
+    pairs, _ = _match(images, lambda p: (masks / f"{p.stem}.png",), f"{root}/images/10k/{split}/*.jpg")
+    return _Files(pairs, _label_table("bdd", None))
+
+
+def _mapillary_files(root: Path, split: str, subset: str | None) -> _Files:
+    folder = {"train": "training", "val": "validation"}[split]
+    labels = root / folder / "v1.2" / "labels"
+    if not labels.is_dir() and (root / folder / "labels").is_dir():
+        labels = root / folder / "labels"  # releases before v1.2
+    _expect(root, "mapillary", [f"{folder}/images", str(labels.relative_to(root))])
+    images = sorted((root / folder / "images").glob("*.jpg"))
+    pairs, _ = _match(images, lambda p: (labels / f"{p.stem}.png",), f"{root}/{folder}/images/*.jpg")
+    return _Files(pairs, _label_table("mapillary", root))
+
+
+def _acdc_files(root: Path, split: str, subset: str | None) -> _Files:
+    conditions = (subset,) if subset else ACDC_CONDITIONS
+    folders = [f"rgb_anon/{c}/{split}" for c in conditions]
+    _expect(root, "acdc", folders + ([] if split == "test" else [f"gt/{c}/{split}" for c in conditions]))
+    images = sorted(p for c in conditions for p in (root / "rgb_anon" / c / split).glob("*/*_rgb_anon.png"))
+
+    def labels_for(image: Path) -> tuple[Path, ...]:
+        condition, sequence = image.parents[2].name, image.parent.name
+        base = root / "gt" / condition / split / sequence / image.name.removesuffix("_rgb_anon.png")
+        return Path(f"{base}_gt_labelIds.png"), Path(f"{base}_gt_labelTrainIds.png")
+
+    return _Files(*_pair_unless_test(images, labels_for, f"{root}/rgb_anon/COND/{split}/SEQ/*_rgb_anon.png",
+                                split, "acdc"))
+
+
+def _folder_classes(root: Path) -> tuple[str, ...]:
+    """Class names from root/classes.txt (one per line), else class_0..class_{K-1} where K is
+    the largest label value below 255, plus one, over every label file under root/labels."""
+    names_file = root / "classes.txt"
+    if names_file.is_file():
+        names = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
+        if not 0 < len(names) <= 255:
+            raise ValueError(f"{names_file} lists {len(names)} class names; expected 1..255, one per line")
+        return names
+    _expect(root, "folder", ["images", "labels"])
+    files = sorted(p for p in (root / "labels").rglob("*") if p.suffix.lower() in LABEL_SUFFIXES)
+    if not files:
+        raise ValueError(f"no label files ({', '.join(LABEL_SUFFIXES)}) under {root / 'labels'}")
+    top = -1
+    for path in files:
+        values = _read_label(path, first_channel=False)
+        values = values[values < IGNORE]
+        top = max(top, int(values.max()) if values.size else -1)
+    if top < 0:
+        raise ValueError(f"every label pixel under {root / 'labels'} is 255 (ignore); "
+                         "expected class ids 0..K-1")
+    return tuple(f"class_{i}" for i in range(top + 1))
+
+
+def _folder_files(root: Path, split: str, subset: str | None) -> _Files:
+    _expect(root, "folder", ["images", "labels"])
+    image_dir, label_dir = root / "images" / split, root / "labels" / split
+    if image_dir.is_dir():
+        _expect(root, "folder", [f"images/{split}", f"labels/{split}"])
+    elif any((root / "images" / s).is_dir() for s in SPLITS["folder"]):
+        raise FileNotFoundError(f"{root / 'images'} is split into sub-folders but has no {split}/; "
+                                f"expected images/{split} and labels/{split} under {root}")
+    else:
+        image_dir, label_dir = root / "images", root / "labels"
+    images = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    found = sorted(label_dir.rglob("*"), key=lambda p: p.suffix.lower() == ".png")  # a .png wins a tie
+    labels = {p.relative_to(label_dir).with_suffix(""): p for p in found if p.suffix.lower() in LABEL_SUFFIXES}
+
+    def labels_for(image: Path) -> tuple[Path, ...]:
+        key = image.relative_to(image_dir).with_suffix("")
+        return (labels.get(key, label_dir / key.with_suffix(".png")),)
+
+    pairs, _ = _match(images, labels_for, f"{image_dir} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+    classes = _folder_classes(root)
+    return _Files(pairs, _identity_table(len(classes)), classes)
+
+
+LAYOUTS = {
+    "gta": _gta_files, "synthia": _synthia_files, "cityscapes": _cityscapes_files, "bdd": _bdd_files,
+    "mapillary": _mapillary_files, "acdc": _acdc_files, "folder": _folder_files,
+}
+
+
+# ----------------------------------------------------------------------------------------
+# The synthetic multi-domain dataset
+# ----------------------------------------------------------------------------------------
+# A scene is laid out in world units of the camera height (about 1.5 m): a straight street
+# seen from a car, with a vanishing point, road, sidewalks, optional grass verges, facades of
+# buildings, trees and walls, and objects painted far to near. The layout depends on
+# (seed, split, index) only; the domain decides colours, texture, fog, darkness and rain.
+
+(ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY, PERSON,
+ RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE) = range(19)
+# Materials beyond the 19 classes only change colour: the class of such a region is its owner's.
+MARKING, WINDOW, SKIN, LAMP = range(19, 23)
+SKY_DEPTH = 1000.0
+
+_GAME_COLOURS = np.array([  # flat, saturated, "rendered by a game engine"
+    (110, 100, 125), (225, 200, 170), (200, 120, 90), (160, 160, 200), (210, 170, 110),
+    (90, 90, 95), (40, 40, 40), (245, 220, 0), (60, 185, 60), (175, 215, 90), (120, 190, 255),
+    (220, 60, 60), (250, 120, 0), (30, 80, 220), (200, 200, 215), (250, 200, 40), (180, 40, 40),
+    (40, 40, 160), (170, 40, 130), (250, 250, 250), (130, 210, 245), (245, 205, 175), (255, 250, 200),
+], dtype=np.float32)
+_PHOTO_COLOURS = np.array([  # muted, like a camera in daylight
+    (82, 80, 84), (150, 146, 140), (140, 128, 116), (165, 160, 150), (120, 108, 92),
+    (110, 110, 104), (35, 35, 30), (200, 195, 185), (70, 98, 42), (122, 128, 74), (175, 200, 225),
+    (72, 66, 80), (62, 60, 70), (105, 105, 112), (170, 170, 165), (180, 160, 70), (130, 50, 45),
+    (52, 50, 56), (62, 60, 72), (215, 215, 205), (62, 76, 92), (200, 160, 136), (255, 240, 190),
+], dtype=np.float32)
+# Per-material spread of instance colours (objects and facades differ a lot, road and sky
+# little) and strength of the texture outside the game domain.
+_JITTER = np.array([12, 14, 60, 40, 40, 12, 6, 45, 18, 18, 14, 80, 80, 90, 60, 60, 40, 60, 60,
+                    6, 15, 25, 5], dtype=np.float32)
+_TEXTURE = np.array([14, 14, 9, 12, 10, 5, 3, 3, 32, 26, 8, 5, 5, 4, 5, 5, 5, 5, 5, 6, 6, 3, 2],
+                    dtype=np.float32)
+
+
+class _Canvas:
+    """Instance and depth maps being painted, the class and material of each instance, and
+    the camera (focal length and horizon in pixels, vanishing point column)."""
+
+    def __init__(self, *, width: int, height: int, focal: float, horizon: float, centre: float) -> None:
+        self.instance = np.zeros((height, width), dtype=np.uint16)
+        self.depth = np.full((height, width), SKY_DEPTH, dtype=np.float32)
+        self.classes: list[int] = []
+        self.materials: list[int] = []
+        self.focal, self.horizon, self.centre = focal, horizon, centre
+
+    def new(self, cls: int, material: int | None = None) -> int:
+        """A new instance of class `cls`, coloured as `material` (default: the class)."""
+        self.classes.append(cls)
+        self.materials.append(cls if material is None else material)
+        return len(self.classes) - 1
+
+    def paint(self, instance: int, x0: float, x1: float, h0: float, h1: float, z: float,
+              power: float = 8.0, hole: float = 0.0) -> None:
+        """Fill the world box [x0, x1] (lateral) x [h0, h1] (height) at depth z with a superellipse
+        |u|^power + |v|^power <= 1 (2: ellipse, 1: diamond, large: rectangle), minus a hole of
+        relative size `hole` (rings)."""
+        left, right = self.centre + self.focal * x0 / z, self.centre + self.focal * x1 / z
+        top, bottom = self.horizon + self.focal * (1 - h1) / z, self.horizon + self.focal * (1 - h0) / z
+        height, width = self.instance.shape
+        c0, c1 = max(round(left), 0), min(round(right), width)
+        r0, r1 = max(round(top), 0), min(round(bottom), height)
+        if c0 >= c1 or r0 >= r1:
+            return
+        if power >= 16 and hole == 0:  # a rectangle, as far as pixels can tell
+            self.instance[r0:r1, c0:c1] = instance
+            self.depth[r0:r1, c0:c1] = z
+            return
+        u = np.abs((np.arange(c0, c1) + 0.5 - left) / (right - left) * 2 - 1) ** power  # (w,)
+        v = np.abs((np.arange(r0, r1) + 0.5 - top) / (bottom - top) * 2 - 1) ** power  # (h,)
+        radius = v[:, None] + u[None, :]  # (h, w)
+        inside = (radius <= 1) & (radius >= hole ** power)
+        self.instance[r0:r1, c0:c1][inside] = instance
+        self.depth[r0:r1, c0:c1][inside] = z
+
+
+def _person(canvas: _Canvas, rng: np.random.Generator, x: float, z: float,
+            cls: int = PERSON, base: float = 0.0) -> None:
+    """A standing person (or a rider, lifted to `base`): legs, torso and head."""
+    h = rng.uniform(1.0, 1.3) * (0.8 if cls == RIDER else 1.0)
+    clothes, skin = canvas.new(cls), canvas.new(cls, SKIN)
+    canvas.paint(clothes, x - 0.1 * h, x + 0.1 * h, base, base + 0.5 * h, z)
+    canvas.paint(clothes, x - 0.16 * h, x + 0.16 * h, base + 0.42 * h, base + 0.86 * h, z, power=3)
+    canvas.paint(skin, x - 0.07 * h, x + 0.07 * h, base + 0.84 * h, base + h, z, power=2)
+
+
+def _vehicle(canvas: _Canvas, rng: np.random.Generator, x: float, z: float, cls: int) -> None:
+    """A car, truck or bus seen from behind."""
+    body = canvas.new(cls)
+    if cls == CAR:
+        w, h = rng.uniform(1.1, 1.35), rng.uniform(0.85, 1.15)
+        canvas.paint(body, x - w / 2, x + w / 2, 0.0, 0.6 * h, z, power=6)
+        canvas.paint(body, x - 0.42 * w, x + 0.42 * w, 0.5 * h, h, z, power=4)
+        canvas.paint(canvas.new(cls, WINDOW), x - 0.34 * w, x + 0.34 * w, 0.62 * h, 0.93 * h, z, power=6)
+    elif cls == TRUCK:
+        w, h = rng.uniform(1.55, 1.75), rng.uniform(1.9, 2.6)
+        canvas.paint(body, x - 0.42 * w, x + 0.42 * w, 0.0, 0.3 * h, z)
+        canvas.paint(body, x - w / 2, x + w / 2, 0.18 * h, h, z, power=16)
+    else:
+        w, h = rng.uniform(1.65, 1.8), rng.uniform(2.0, 2.3)
+        canvas.paint(body, x - w / 2, x + w / 2, 0.05 * h, h, z, power=10)
+        canvas.paint(canvas.new(cls, WINDOW), x - 0.45 * w, x + 0.45 * w, 0.5 * h, 0.85 * h, z, power=10)
+
+
+def _two_wheeler(canvas: _Canvas, rng: np.random.Generator, x: float, z: float, cls: int, ridden: bool) -> None:
+    """A bicycle or motorcycle seen from the side, with or without its rider."""
+    motor = cls == MOTORCYCLE
+    r, length = (0.3, 1.45) if motor else (0.23, 1.15)
+    frame = canvas.new(cls)
+    for wheel in (x - length / 2 + r, x + length / 2 - r):
+        canvas.paint(frame, wheel - r, wheel + r, 0.0, 2 * r, z, power=2, hole=0.0 if motor else 0.75)
+    if motor:
+        canvas.paint(frame, x - length / 2 + 0.6 * r, x + length / 2 - 0.6 * r, 1.2 * r, 3.2 * r, z, power=4)
+    else:
+        canvas.paint(frame, x - length / 2 + r, x + length / 2 - r, 1.7 * r, 2.2 * r, z, power=12)
+    if ridden:
+        _person(canvas, rng, x, z, cls=RIDER, base=1.6 * r)
+
+
+def _pole(canvas: _Canvas, rng: np.random.Generator, x: float, z: float, toward_road: float) -> None:
+    """A pole, bare or carrying a traffic sign, a traffic light or a street lamp."""
+    pole, top = canvas.new(POLE), rng.uniform(2.5, 4.5)
+    canvas.paint(pole, x - 0.045, x + 0.045, 0.0, top, z, power=20)
+    kind = rng.integers(4)
+    if kind == 1:
+        size = rng.uniform(0.35, 0.6)
+        canvas.paint(canvas.new(SIGN), x - size / 2, x + size / 2, top - size - 0.05, top - 0.05, z,
+                     power=float(rng.choice([1.0, 2.0, 16.0])))  # diamond, disc or plate
+    elif kind == 2:
+        canvas.paint(canvas.new(LIGHT), x - 0.13, x + 0.13, top - 0.75, top, z, power=16)
+        slot = 0.24 * rng.integers(3)
+        canvas.paint(canvas.new(LIGHT, LAMP), x - 0.08, x + 0.08, top - 0.72 + slot, top - 0.56 + slot, z, power=2)
+    elif kind == 3:
+        reach = x + toward_road * rng.uniform(0.6, 1.2)
+        canvas.paint(pole, min(x, reach), max(x, reach), top - 0.06, top + 0.02, z, power=20)
+        canvas.paint(canvas.new(POLE, LAMP), reach - 0.18, reach + 0.18, top - 0.14, top - 0.02, z, power=3)
+
+
+def draw_scene(rng: np.random.Generator, width: int,
+               height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Lay out one street scene.
+
+    Returns instance (H, W) uint16, each instance's class (N,) and material (N,), and the
+    depth (H, W) float32 of every pixel in camera heights (sky: SKY_DEPTH).
+    """
+    f32, u16 = np.float32, np.uint16  # float64 and int64 maps would double the memory traffic
+    focal = f32(width * rng.uniform(0.5, 0.8))
+    canvas = _Canvas(width=width, height=height, focal=focal, horizon=height * rng.uniform(0.36, 0.5),
+                     centre=width * rng.uniform(0.35, 0.65))
+    road = rng.uniform(1.5, 3.5, 2).astype(f32)          # road edge, left and right of the camera
+    walk = road + rng.uniform(0.8, 2.2, 2).astype(f32)   # outer edge of each sidewalk
+    line = walk + np.where(rng.random(2) < 0.35, rng.uniform(0.5, 2.0, 2), 0).astype(f32)  # facades; grass between
+
+    rows = (np.arange(height, dtype=f32) + 0.5 - f32(canvas.horizon))[:, None]  # (H, 1) below the horizon
+    cols = np.arange(width, dtype=f32) + 0.5 - f32(canvas.centre)               # (W,) right of centre
+    side = (cols > 0).astype(np.intp)                                           # (W,) 0 left, 1 right
+    reach = np.abs(cols) / line[side]                                           # (W,) rows down to the facade's foot
+    facade_depth = focal / np.maximum(reach, f32(1e-3))                         # (W,)
+
+    # Facades: segments along the street of buildings (0), trees (1) or a wall or fence with
+    # trees behind (2); each column looks at the segment its facade depth falls in.
+    count = 16
+    ends = np.cumsum(rng.uniform(5, 25, (2, count)), axis=1) + rng.uniform(0, 4, (2, 1))
+    kinds = rng.choice(3, (2, count), p=(0.6, 0.25, 0.15))
+    tops = np.where(kinds == 0, rng.uniform(3, 14, (2, count)), rng.uniform(2.5, 5.5, (2, count))).astype(f32)
+    walls = np.where(kinds == 2, rng.uniform(0.6, 1.2, (2, count)), tops).astype(f32)
+    lower, upper, windows = (np.zeros((2, count), dtype=u16) for _ in range(3))
+    for s in range(2):
+        for k in range(count):
+            if kinds[s, k] == 0:
+                lower[s, k] = upper[s, k] = canvas.new(BUILDING)
+                windows[s, k] = canvas.new(BUILDING, WINDOW)
+            elif kinds[s, k] == 1:
+                lower[s, k] = upper[s, k] = canvas.new(VEGETATION)
+            else:
+                lower[s, k], upper[s, k] = canvas.new(int(rng.choice([WALL, FENCE]))), canvas.new(VEGETATION)
+    segment = np.minimum(np.where(side, np.searchsorted(ends[1], facade_depth),
+                                  np.searchsorted(ends[0], facade_depth)), count - 1)  # (W,)
+    kind, height_top = kinds[side, segment], tops[side, segment]                    # (W,)
+    crown = np.where(kind > 0, 0.6 * np.abs(np.sin(facade_depth * f32(0.9) + f32(rng.uniform(0, 6)))), f32(0))
+    top = -(height_top - 1 + crown) * reach                                         # (W,) rows
+    middle = -(walls[side, segment] - 1) * reach
+    facade = (rows >= top) & (rows < reach)                                         # (H, W)
+    sky = u16(canvas.new(SKY))
+    canvas.instance[:] = np.where(facade, np.where(rows >= middle, lower[side, segment], upper[side, segment]), sky)
+    canvas.depth[:] = np.where(facade, facade_depth, f32(SKY_DEPTH))
+
+    # Windows: a grid in world units, floors up the facade and bays along the street, from
+    # above the ground floor to just under the roof of buildings.
+    floor, bay = f32(rng.uniform(1.8, 2.4)), f32(rng.uniform(1.8, 3.0))
+    storeys = 1 / floor - rows * (facade_depth / (focal * floor))                  # (H, W) height in floors
+    bays = (kind == 0) & (_fraction(facade_depth / bay + f32(rng.uniform(0, 1))) < 0.55)  # (W,)
+    roof = np.where(bays, (height_top - 0.4) / floor, f32(-1))                     # (W,) -1: no windows
+    level = _fraction(storeys)
+    glass = (level > 0.35) & (level < 0.8) & (storeys > 1.4 / floor) & (storeys < roof)
+    canvas.instance[:] = np.where(glass, windows[side, segment], canvas.instance)
+
+    # Ground, below the horizon: bands of lateral distance from the camera (in camera
+    # heights), a dashed centre line on the road.
+    first = int(np.searchsorted(rows[:, 0], 0, side="right"))
+    below = rows[first:]                                                            # (Hg, 1) > 0
+    lateral = cols / below                                                          # (Hg, W) signed
+    distance = np.abs(lateral)
+    walks = np.array([canvas.new(SIDEWALK), canvas.new(SIDEWALK)], dtype=u16)
+    verges = np.array([canvas.new(TERRAIN), canvas.new(TERRAIN)], dtype=u16)
+    road_id, marking = u16(canvas.new(ROAD)), u16(canvas.new(ROAD, MARKING))
+    band = np.where(distance <= road[side], road_id, np.where(distance <= walk[side], walks[side], verges[side]))
+    if rng.random() < 0.8:
+        dash = _fraction(focal / below / f32(rng.uniform(3, 6)) + f32(rng.uniform(0, 1))) < 0.5  # (Hg, 1)
+        band = np.where((np.abs(lateral - (road[1] - road[0]) / 2) < 0.06) & dash, marking, band)
+    ground = distance <= line[side]
+    canvas.instance[first:] = np.where(ground, band, canvas.instance[first:])
+    canvas.depth[first:] = np.where(ground, focal / below, canvas.depth[first:])
+
+    if rng.random() < 0.6:  # the street ends at a cross block
+        end, rise = rng.uniform(40, 150), rng.uniform(3, 10)
+        block = (canvas.depth > end) & (rows >= -(rise - 1) * focal / end) & (rows < focal / end)
+        canvas.instance[:] = np.where(block, u16(canvas.new(BUILDING)), canvas.instance)
+        canvas.depth[:] = np.where(block, f32(end), canvas.depth)
+
+    # Objects as (depth, lateral position, painter, its other arguments), painted far to near
+    # so that nearer ones cover farther ones.
+    objects = []
+    for _ in range(rng.integers(1, 8)):
+        cls = int(rng.choice([CAR, TRUCK, BUS], p=(0.8, 0.12, 0.08)))
+        objects.append((rng.uniform(4, 70), rng.uniform(-road[0] + 0.7, road[1] - 0.7), _vehicle, (cls,)))
+    for _ in range(rng.integers(0, 7)):
+        s = rng.integers(2)
+        objects.append((rng.uniform(3, 50), (2 * s - 1) * rng.uniform(road[s] + 0.3, walk[s] - 0.2), _person, ()))
+    for _ in range(rng.integers(0, 3)):
+        cls, ridden, s = int(rng.choice([BICYCLE, MOTORCYCLE])), rng.random() < 0.7, rng.integers(2)
+        # ridden on the road, or parked mid-sidewalk
+        x = rng.uniform(-road[0] + 0.8, road[1] - 0.8) if ridden else (2 * s - 1) * (road[s] + walk[s]) / 2
+        objects.append((rng.uniform(4, 40), x, _two_wheeler, (cls, ridden)))
+    for s in range(2):
+        z = rng.uniform(4, 15)
+        while z < 120:
+            objects.append((z, (2 * s - 1) * (road[s] + 0.25), _pole, (1 - 2 * s,)))
+            z += rng.uniform(10, 30)
+    for z, x, painter, extra in sorted(objects, key=lambda o: -o[0]):
+        painter(canvas, rng, x, z, *extra)
+    return canvas.instance, np.array(canvas.classes), np.array(canvas.materials), canvas.depth
+
+
+def _smooth_noise(rng: np.random.Generator, width: int, height: int, cell: int) -> np.ndarray:
+    """(H, W) float32 noise of unit spread, smooth over cell x cell pixels."""
+    small = rng.standard_normal((height // cell + 2, width // cell + 2), dtype=np.float32)
+    return np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR))
+
+
+def render_scene(instance: np.ndarray, materials: np.ndarray, depth: np.ndarray, domain: str,
+                 rng: np.random.Generator) -> Image.Image:
+    """Colour a laid-out scene in one domain's appearance -> RGB image.
+
+    game: flat colours. photo: muted colours with texture and sensor noise. fog: photo
+    with depth fog. night: dark and blue, lit lamps and windows, more noise. rain: dull,
+    wet and streaked. Per-pixel work is kept to a few (H, W) planes: instance colours
+    are adjusted per instance, and texture, fog and light act on whole planes.
+    """
+    f32 = np.float32
+    height, width = instance.shape
+    palette, spread = (_GAME_COLOURS, 1.0) if domain == "game" else (_PHOTO_COLOURS, 0.6)
+    jitter = rng.uniform(-spread, spread, (len(materials), 3)).astype(f32) * _JITTER[materials, None]
+    colours = np.clip(palette[materials] + jitter, 0, 255)                      # (N, 3) one colour per instance
+    if domain == "game":
+        return Image.fromarray(np.take(colours.astype(np.uint8), instance, axis=0))
+    lit = (materials == LAMP) | ((materials == WINDOW) & (rng.random(len(materials)) < 0.35))  # at night
+    if domain == "night":
+        colours = np.where(lit[:, None], colours * 1.1 + 40, colours * f32([0.75, 0.8, 1.1]))
+    elif domain == "rain":
+        colours = 0.75 * (0.6 * colours + 0.4 * colours.mean(axis=1, keepdims=True))
+    # One lookup paints every per-instance value: colour, texture strength and being lit.
+    table = np.concatenate([colours, _TEXTURE[materials, None], lit[:, None]], axis=1)  # (N, 5)
+    planes = np.take(table.T, instance, axis=1)                                # (5, N) -> (5, H, W)
+    image, texture, glow = planes[:3], planes[3], planes[4] > 0
+    # Grey texture: fine grain and coarse blotches scaled per material, plus sensor noise.
+    fine = rng.integers(-128, 128, (height, width), dtype=np.int8) * f32(1.7 / 128)  # (H, W) unit-spread noise
+    sensor = {"photo": 3, "fog": 3, "night": 12, "rain": 6}[domain]
+    offset = texture * (0.5 * fine + _smooth_noise(rng, width, height, 8)) + sensor * fine
+    if domain == "fog":
+        clear = np.exp(depth * f32(-1 / rng.uniform(12, 35)))                    # light that gets through
+        image *= clear
+        offset = offset * clear + f32(rng.uniform(170, 215)) * (1 - clear)
+    elif domain == "night":
+        light = np.where(glow, f32(1), 0.06 + 0.6 * np.exp(depth * f32(-1 / rng.uniform(6, 14))))
+        image *= light
+        offset *= light
+    elif domain == "rain":
+        streaks = (rng.random((height // 16 + 2, width)) < 0.03).astype(f32)
+        offset = 0.75 * offset + 110 * np.asarray(Image.fromarray(streaks).resize((width, height), Image.BILINEAR))
+    image += offset
+    channels = np.clip(image, 0, 255, out=image).astype(np.uint8)
+    return Image.merge("RGB", [Image.fromarray(channel) for channel in channels])
+
+
+class SyntheticDataset(SegmentationDataset):
+    """Procedural street scenes in one appearance domain; nothing is read from disk.
+
+    Sample `index` has the layout of (seed, split, index), the same in every domain, and
+    the appearance of (seed, split, index, domain). image_size is (width, height).
+    """
+
+    def __init__(self, *, domain: str, split: str, length: int, image_size: tuple[int, int], seed: int,
+                 train: bool, crop_size: int) -> None:
+        super().__init__(name=f"synthetic:{domain}", classes=CITYSCAPES_CLASSES, train=train,
+                         crop_size=crop_size, test_size=None)
+        self.domain, self.split, self.length, self.image_size, self.seed = domain, split, length, image_size, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def stem(self, index: int) -> str:
+        return f"{self.domain}_{index:06d}"
+
+    def _load(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.name} of length {self.length}")
+        key = [self.seed, SPLITS["synthetic"].index(self.split), index]
+        instance, classes, materials, depth = draw_scene(np.random.default_rng(key), *self.image_size)
+        domain_rng = np.random.default_rng(key + [1 + SYNTHETIC_DOMAINS.index(self.domain)])
+        image = render_scene(instance, materials, depth, self.domain, domain_rng)
+        return image, np.take(classes.astype(np.uint8), instance)
+
+
+# ----------------------------------------------------------------------------------------
+# Names, the command-line form and the builder
+# ----------------------------------------------------------------------------------------
+
+def _valid_names() -> str:
+    """Every accepted dataset name, for error messages."""
+    return ", ".join(f"{n}[:{'|'.join(SUBSETS[n])}]" if n in SUBSETS else n for n in SPLITS) + \
+        " (join training sources with +, e.g. gta+synthia)"
+
+
+def _split_name(name: str) -> list[tuple[str, str | None]]:
+    """'gta+acdc:night' -> [('gta', None), ('acdc', 'night')], checking every part."""
+    parts = []
+    for part in name.split("+"):
+        base, _, subset = part.strip().partition(":")
+        if base not in SPLITS:
+            raise ValueError(f"unknown dataset {base!r} in {name!r}; valid: {_valid_names()}")
+        if subset and subset not in SUBSETS.get(base, ()):
+            options = ", ".join(SUBSETS.get(base, ())) or "none"
+            raise ValueError(f"unknown subset {subset!r} of {base} in {name!r}; valid subsets: {options}")
+        parts.append((base, subset or None))
+    return parts
+
+
+def parse_data(text: str) -> list[tuple[str, str | None]]:
+    """'gta+synthia,cityscapes=/d/cs,folder=my/data' -> [(name, root or None), ...]."""
+    entries = []
+    for entry in text.split(","):
+        name, has_root, root = (piece.strip() for piece in entry.partition("="))
+        if not name:
+            raise ValueError(f"empty dataset name in {text!r}; expected NAME[=ROOT],... with NAME in "
+                             f"{_valid_names()}")
+        if has_root and not root:
+            raise ValueError(f"{entry.strip()!r} in {text!r} has '=' but no folder after it")
+        parts = _split_name(name)
+        if not root and any(base == "folder" for base, _ in parts):
+            raise ValueError(f"the folder dataset needs its path: folder=PATH (in {text!r})")
+        entries.append((name, root or None))
+    return entries
+
+
+def build_dataset(name: str, root: str | Path | None, split: str, *, train: bool, crop_size: int = 512,
+                  image_size: tuple[int, int] = (512, 256), length: int = 200,
+                  seed: int = 0) -> SegmentationDataset | CombinedDataset:
+    """Dataset `name` (see the module docstring) at `root` (None: DATA_ROOTS) for `split`.
+
+    train: samples are augmented random crops (crop_size square); otherwise evaluation dicts.
+    image_size (width, height), length and seed describe the synthetic dataset only.
+    A '+' name joins sources; its root is None or one folder per source joined by '+'.
+    """
+    parts = _split_name(name)
+    if crop_size < 1 or min(image_size) < 1 or length < 1:
+        raise ValueError(f"crop_size, image_size and length must be positive, got {crop_size}, "
+                         f"{image_size}, {length}")
+    if len(parts) > 1:
+        roots = [None] * len(parts) if root is None else str(root).split("+")
+        if len(roots) != len(parts):
+            raise ValueError(f"{name!r} joins {len(parts)} datasets, so root must be None (the defaults) "
+                             f"or {len(parts)} folders joined by '+', got {root!r}")
+        members = [build_dataset(f"{b}:{s}" if s else b, r or None, split, train=train, crop_size=crop_size,
+                                 image_size=image_size, length=length, seed=seed)
+                   for (b, s), r in zip(parts, roots)]
+        return CombinedDataset(members, name=name)
+    base, subset = parts[0]
+    if split not in SPLITS[base]:
+        raise ValueError(f"{base} has splits {', '.join(SPLITS[base])}; got {split!r}")
+    if base == "synthetic":
+        if root is not None:
+            raise ValueError(f"the synthetic dataset is generated and takes no root, got {root!r}")
+        members = [SyntheticDataset(domain=domain, split=split, length=length, image_size=tuple(image_size),
+                                    seed=seed, train=train, crop_size=crop_size)
+                   for domain in ([subset] if subset else SYNTHETIC_DOMAINS)]
+        return members[0] if subset else CombinedDataset(members, name="synthetic")
+    if root is None and base == "folder":
+        raise ValueError("the folder dataset needs a root: folder=PATH")
+    root = Path(root if root is not None else DATA_ROOTS[base]).expanduser()
+    files = LAYOUTS[base](root, split, subset)
+    if train and any(label is None for _, label in files.pairs):
+        raise ValueError(f"{base} publishes no labels for its {split} split; it cannot be used for training")
+    return FileDataset(name=str(root) if base == "folder" else name, pairs=files.pairs,
+                       lut=files.label_table[0], known=files.label_table[1], classes=files.classes,
+                       train=train, crop_size=crop_size, test_size=TEST_SIZES.get(base),
+                       first_channel=files.first_channel)
+
+
+# ----------------------------------------------------------------------------------------
+# Benchmark: python data.py
+# ----------------------------------------------------------------------------------------
+
+def _rates(work: Callable[[int], object], count: int) -> str:
+    """Run work(0..count-1); images per second of wall-clock and of this process's CPU time
+    (the second is steadier on a shared machine)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for i in range(count):
+        work(i)
+    return f"{count / (time.perf_counter() - wall):6.1f} images/s ({count / (time.process_time() - cpu):.1f} per CPU-s)"
+
+
+def _benchmark(count: int = 24, samples: int = 96) -> None:
+    """Training samples per second from GTAV-sized PNGs, and synthetic scenes per second."""
+    train_to_id = np.zeros(256, dtype=np.uint8)  # inverse table: write labels as GTAV's Cityscapes ids
+    train_to_id[list(CITYSCAPES_ID_TO_TRAIN.values())] = list(CITYSCAPES_ID_TO_TRAIN)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "images").mkdir()
+        (root / "labels").mkdir()
+        scenes = build_dataset("synthetic:photo", None, "train", train=False, image_size=(1914, 1052), length=count)
+        for i in range(count):
+            rgb, label = scenes.read(i)
+            Image.fromarray(rgb).save(root / "images" / f"{i:05d}.png")
+            ids = Image.fromarray(train_to_id[label])
+            ids.putpalette(CITYSCAPES_PALETTE.tobytes())  # GTAV's labels are palette PNGs
+            ids.save(root / "labels" / f"{i:05d}.png")
+        print(f"GTAV-sized PNGs (1914x1052), {count} files:")
+
+        def decode_and_resize(i: int) -> None:
+            image = _read_rgb(root / "images" / f"{i % count:05d}.png")
+            label = Image.fromarray(_read_label(root / "labels" / f"{i % count:05d}.png", first_channel=False))
+            short = 512 * (5 + i % 16) // 10
+            size = (int(1914 * short / 1052 + 0.5), short)
+            image.resize(size, Image.BILINEAR), label.resize(size, Image.NEAREST)
+
+        print(f"  decode image + label, resize both (1 process): {_rates(decode_and_resize, samples)}")
+        dataset = build_dataset("gta", root, "train", train=True)
+        print(f"  training samples, 512 crops (1 process):       {_rates(lambda i: dataset[i % count], samples)}")
+        sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=samples + 8)
+        batches = iter(DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=2))
+        for _ in range(2):  # start the workers before timing
+            next(batches)
+        start = time.perf_counter()
+        rate = sum(len(images) for images, _ in batches) / (time.perf_counter() - start)
+        print(f"  DataLoader, 2 workers, batch 4:                {rate:6.1f} images/s")
+
+    print("synthetic scenes at 512x512, generation only (1 process):")
+    for domain in SYNTHETIC_DOMAINS:
+        scenes = build_dataset(f"synthetic:{domain}", None, "train", train=False, image_size=(512, 512), length=40)
+        print(f"  {domain:6s} {_rates(scenes.read, len(scenes))}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    _benchmark()

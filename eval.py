@@ -1,0 +1,398 @@
+"""Evaluation on unseen domains: sliding-window inference, exact mIoU, pictures to look at.
+
+    python eval.py --ckpt runs/synthetic/last.pt --data synthetic:real,synthetic:fog
+    python eval.py --ckpt RUN/last.pt --data cityscapes,bdd,mapillary --json results.json
+    python eval.py --ckpt RUN/last.pt --data cityscapes --split test --save-dir preds --format labelids
+    python eval.py --ckpt RUN/last.pt --image photos/ street.jpg --save-dir preds
+    torchrun --nproc_per_node 8 eval.py --ckpt RUN/last.pt --data cityscapes,bdd,mapillary
+
+Each image is resized to its dataset's test scale, covered by 512 x 512 windows with
+stride 341, and the per-class scores of overlapping windows are averaged. The scores are
+resized to the label's full resolution before the argmax, and an int64 confusion matrix
+counts every pixel; under torchrun each process takes a share of the images and the
+matrices are summed, so the result is exactly that of one process. train.py calls
+`evaluate` for its periodic validation.
+"""
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+import data
+import rein
+import vit
+
+# ---------------------------------------------------------------------------------------------
+# Inference
+# ---------------------------------------------------------------------------------------------
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Window offsets along one axis: every `stride`, the last one flush with the far edge."""
+    if size <= window:
+        return [0]
+    n = (size - window + stride - 1) // stride + 1
+    return [min(i * stride, size - window) for i in range(n)]
+
+
+@torch.inference_mode()
+def slide_inference(model: rein.Segmenter, image: Tensor, *, window: int = 512, stride: int = 341,
+                    batch_size: int = 8) -> Tensor:
+    """Per-class scores (K, h, w) for one image (3, h, w), averaged over overlapping windows.
+
+    Images smaller than a window are padded (with zeros, the mean colour after
+    normalisation) and the padding is cut off the scores. All windows of the image go
+    through the model in batches of `batch_size`.
+    """
+    _, h, w = image.shape
+    padded = F.pad(image, (0, max(window - w, 0), 0, max(window - h, 0)))
+    H, W = padded.shape[-2:]
+    boxes = [(y, x) for y in window_starts(H, window, stride) for x in window_starts(W, window, stride)]
+    crops = torch.stack([padded[:, y:y + window, x:x + window] for y, x in boxes])  # (n, 3, window, window)
+    scores = counts = None
+    for i in range(0, len(boxes), batch_size):
+        out = model.predict(crops[i:i + batch_size]).float()  # (b, K, window, window)
+        if scores is None:
+            scores = out.new_zeros(out.shape[1], H, W)
+            counts = out.new_zeros(1, H, W)
+        for (y, x), s in zip(boxes[i:i + batch_size], out):
+            scores[:, y:y + window, x:x + window] += s
+            counts[:, y:y + window, x:x + window] += 1
+    return (scores / counts)[:, :h, :w]
+
+
+@torch.inference_mode()
+def whole_inference(model: rein.Segmenter, image: Tensor) -> Tensor:
+    """Per-class scores (K, h, w) from one pass over the whole image (3, h, w), padded to the patch size."""
+    _, h, w = image.shape
+    p = model.backbone.vit.patch_size * 2  # the stride-32 map needs an even patch grid
+    padded = F.pad(image, (0, -w % p, 0, -h % p))
+    return model.predict(padded[None]).float()[0, :, :h, :w]
+
+
+def predict_labels(model: rein.Segmenter, image: Tensor, size: tuple[int, int], *, slide: bool = True,
+                   window: int = 512, stride: int = 341, batch_size: int = 8) -> Tensor:
+    """Train ids (H, W) for an image (3, h, w) at test scale; `size` = (H, W) of the label."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=image.device.type == "cuda")
+    with autocast:
+        if slide:
+            scores = slide_inference(model, image, window=window, stride=stride, batch_size=batch_size)
+        else:
+            scores = whole_inference(model, image)
+    # Resized to the label's full resolution before the argmax, so that no label is resampled.
+    scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+    return scores.argmax(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def confusion_matrix(pred: Tensor, label: Tensor, num_classes: int) -> Tensor:
+    """int64 (K, K): rows are the true class, columns the predicted one; label 255 is ignored."""
+    keep = label != data.IGNORE
+    index = label[keep].long() * num_classes + pred[keep].long()
+    return torch.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def scores_from_confusion(conf: Tensor) -> dict:
+    """Per-class IoU, mIoU and pixel accuracy from a confusion matrix.
+
+    A class absent from both the labels and the predictions has no IoU (None) and is left
+    out of the mean, as mmseg and cityscapesscripts do.
+    """
+    conf = conf.double()
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = [(t / u).item() if u > 0 else None for t, u in zip(tp, union)]
+    present = [v for v in iou if v is not None]
+    total = conf.sum().item()
+    return dict(miou=float(np.mean(present)) if present else float("nan"), iou=iou,
+                accuracy=tp.sum().item() / total if total else float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing predictions
+# ---------------------------------------------------------------------------------------------
+
+FORMATS = ("color", "labelids", "trainids")
+
+
+def train_to_raw_ids(lut: np.ndarray) -> np.ndarray:
+    """Inverts a label table: train id -> the smallest raw id that maps to it (uint8, 256)."""
+    inverse = np.arange(256, dtype=np.uint8)
+    for raw in range(255, -1, -1):
+        if lut[raw] != data.IGNORE:
+            inverse[lut[raw]] = raw
+    return inverse
+
+
+def overlay(rgb: np.ndarray, pred: np.ndarray, palette: np.ndarray, label: np.ndarray | None) -> np.ndarray:
+    """Prediction colours over the image, side by side with the coloured label if there is one."""
+    blend = (0.5 * rgb + 0.5 * data.colorize(pred, palette)).astype(np.uint8)
+    return blend if label is None else np.concatenate([blend, data.colorize(label, palette)], axis=1)
+
+
+def save_prediction(path: Path, pred: np.ndarray, fmt: str, *, rgb: np.ndarray, palette: np.ndarray,
+                    label: np.ndarray | None, to_raw: np.ndarray | None) -> None:
+    """Writes one PNG at full resolution: a colour overlay, benchmark label ids, or train ids."""
+    if fmt == "color":
+        picture = overlay(rgb, pred, palette, label)
+    elif fmt == "labelids":
+        picture = to_raw[pred]
+    else:
+        picture = pred
+    Image.fromarray(np.ascontiguousarray(picture, dtype=np.uint8)).save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, alone or distributed
+# ---------------------------------------------------------------------------------------------
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def evaluate(model: rein.Segmenter, dataset, *, device: torch.device, slide: bool = True, window: int = 512,
+             stride: int = 341, batch_size: int = 8, workers: int = 2, save_dir: Path | None = None,
+             fmt: str = "color", save_limit: int | None = None, progress: bool = True) -> dict:
+    """mIoU, per-class IoU, accuracy and image count of `model` on `dataset`.
+
+    Under torchrun, process r takes images r, r + world, ...: every image is counted once,
+    whatever the dataset size. With `save_dir`, predictions are written as PNGs named
+    after the image (the first `save_limit` of each process only, if given).
+    """
+    rank, world_size = world()
+    model.eval()
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    K = dataset.num_classes
+    conf = torch.zeros(K, K, dtype=torch.int64, device=device)
+    to_raw = train_to_raw_ids(dataset.lut) if fmt == "labelids" else None
+    bar = tqdm(loader, desc=f"eval {dataset.name}", disable=not progress or rank > 0, leave=False)
+    for n, sample in enumerate(bar):
+        label = sample["label"].to(device, non_blocking=True)
+        pred = predict_labels(model, sample["image"].to(device, non_blocking=True), tuple(label.shape),
+                              slide=slide, window=window, stride=stride, batch_size=batch_size)
+        conf += confusion_matrix(pred, label, K)
+        if save_dir is not None and (save_limit is None or n < save_limit):
+            rgb, raw_label = dataset.read(sample["index"])
+            save_prediction(save_dir / f"{sample['name']}.png", pred.cpu().numpy(), fmt, rgb=rgb,
+                            palette=dataset.palette, label=raw_label, to_raw=to_raw)
+    if world_size > 1:
+        dist.all_reduce(conf)
+    return scores_from_confusion(conf.cpu()) | dict(images=len(dataset), confusion=conf.cpu())
+
+
+def format_results(results: dict[str, dict], classes: tuple[str, ...]) -> str:
+    """A per-class IoU table with one column per dataset, then mIoU, accuracy and the mean."""
+    names = list(results)
+    width = max(8, *(len(n) for n in names))
+    lines = [f"{'class':<14}" + "".join(f"{n:>{width + 2}}" for n in names)]
+    for k, cls in enumerate(classes):
+        cells = [results[n]["iou"][k] for n in names]
+        lines.append(f"{cls:<14}" + "".join(f"{'-' if v is None else f'{100 * v:.1f}':>{width + 2}}" for v in cells))
+    lines.append(f"{'mIoU':<14}" + "".join(f"{100 * results[n]['miou']:>{width + 2}.1f}" for n in names))
+    lines.append(f"{'accuracy':<14}" + "".join(f"{100 * results[n]['accuracy']:>{width + 2}.1f}" for n in names))
+    lines.append(f"{'images':<14}" + "".join(f"{results[n]['images']:>{width + 2}}" for n in names))
+    if len(names) > 1:
+        lines.append(f"mean mIoU over {len(names)} datasets: {100 * mean_miou(results):.1f}")
+    return "\n".join(lines)
+
+
+def mean_miou(results: dict[str, dict]) -> float:
+    return float(np.mean([r["miou"] for r in results.values()]))
+
+
+def to_json(results: dict[str, dict], classes: tuple[str, ...]) -> dict:
+    """Every figure, per dataset, plus the mean over datasets."""
+    return dict(datasets={name: dict(miou=r["miou"], accuracy=r["accuracy"], images=r["images"],
+                                     iou=dict(zip(classes, r["iou"])), confusion=r["confusion"].tolist())
+                          for name, r in results.items()},
+                mean_miou=mean_miou(results))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, devices and the command line
+# ---------------------------------------------------------------------------------------------
+
+
+SYNTHETIC_LENGTH = {"train": 1000, "val": 20, "test": 20}
+
+
+def dataset_kwargs(name: str, split: str, run_args: dict) -> dict:
+    """Synthetic scenes as a run drew them: twice as wide as its crop, from its seed."""
+    if name.startswith("synthetic"):
+        crop = run_args.get("crop_size", 512)
+        return dict(image_size=(2 * crop, crop), length=SYNTHETIC_LENGTH[split], seed=run_args.get("seed", 0))
+    return {}
+
+
+def load_checkpoint(path: str | Path, weights: str | None = None) -> tuple[rein.Segmenter, dict]:
+    """Rebuilds the model a train.py checkpoint describes and loads its trained weights.
+
+    `weights` overrides where the frozen DINOv2 weights come from (the checkpoint stores
+    only what trained, plus the arguments that rebuild the rest).
+    """
+    ckpt = vit.load_file(path, what="a train.py checkpoint")
+    if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
+        found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not a train.py checkpoint: expected the keys 'config' and 'model', "
+                         f"found {found}")
+    config = dict(ckpt["config"])
+    if weights is not None:
+        config["weights"] = weights
+    elif config["method"] == "full":
+        config["weights"] = None  # the checkpoint holds the whole trained ViT
+    model = rein.build_model(**config)
+    model.load_trainable_state_dict(ckpt["model"], origin=str(path))
+    return model, ckpt
+
+
+def setup_distributed() -> torch.device:
+    """Reads torchrun's environment; NCCL on CUDA, gloo on CPU. Returns this process's device."""
+    if "LOCAL_RANK" not in os.environ:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        # The device is chosen before the process group, so NCCL binds to the right GPU.
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    """The files named, and the files inside the folders named, sorted."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"--image {p}: no such file or folder")
+    return files
+
+
+@torch.inference_mode()
+def predict_images(model: rein.Segmenter, paths: list[str], save_dir: Path, *, device: torch.device,
+                   slide: bool, window: int, stride: int, palette: np.ndarray) -> int:
+    """Coloured predictions for the user's own pictures; files that are not images are skipped."""
+    rank, world_size = world()
+    files = image_files(paths)[rank::world_size]
+    written = 0
+    for f in tqdm(files, desc="predict", disable=rank > 0):
+        try:
+            rgb = np.asarray(Image.open(f).convert("RGB"))
+        except OSError as e:
+            warnings.warn(f"skipping {f}: not an image ({e})")
+            continue
+        image = data.to_test_tensor(rgb, data.TEST_SIZES["cityscapes"]).to(device)
+        pred = predict_labels(model, image, rgb.shape[:2], slide=slide, window=window, stride=stride).cpu().numpy()
+        save_prediction(save_dir / f"{f.stem}.png", pred, "color", rgb=rgb, palette=palette, label=None,
+                        to_raw=None)
+        written += 1
+    return written
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Fails before any work if `folder` (given as `flag`) cannot be created and written to."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"{flag} {folder} is not writable: {e}") from e
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Evaluate a trained checkpoint on several domains, or predict images.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a train.py checkpoint, e.g. runs/NAME/last.pt")
+    p.add_argument("--data", help="datasets to evaluate, NAME[=ROOT],... (see data.py)")
+    p.add_argument("--split", default="val", help="dataset split")
+    p.add_argument("--weights", help="where the frozen DINOv2 weights come from (path, URL or name); "
+                                     "default: as recorded in the checkpoint")
+    p.add_argument("--image", nargs="+", help="your own image files or folders: coloured predictions, no labels")
+    p.add_argument("--save-dir", type=Path, help="write one PNG per image here")
+    p.add_argument("--format", choices=FORMATS, default="color",
+                   help="color: overlay beside the label; labelids: Cityscapes ids for benchmark servers")
+    p.add_argument("--json", type=Path, help="write every figure here as JSON")
+    p.add_argument("--whole", action="store_true", help="whole-image inference instead of sliding windows")
+    p.add_argument("--window", type=int, help="sliding window size; default: the checkpoint's (512 in the paper)")
+    p.add_argument("--stride", type=int, help="sliding window stride; default: the checkpoint's (341 in the paper)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--workers", type=int, default=4, help="data loading processes")
+    args = p.parse_args(argv)
+    if args.image and not args.save_dir:
+        p.error("--image needs --save-dir to write the predictions to")
+    if not args.image and not args.data:
+        p.error("say what to evaluate: --data NAME[=ROOT],... or --image PATH")
+    return args
+
+
+def main(args: argparse.Namespace) -> dict | None:
+    device = setup_distributed()
+    rank, _ = world()
+    if args.save_dir:
+        check_writable(args.save_dir, "--save-dir")
+    model, ckpt = load_checkpoint(args.ckpt, args.weights)
+    model.to(device)
+    trained = ckpt.get("args", {})
+    window = args.window or trained.get("window", 512)
+    stride = args.stride or trained.get("stride", 341)
+    results = None
+    if args.image:
+        palette = data.palette_for(model.config["num_classes"])
+        n = predict_images(model, args.image, args.save_dir, device=device, slide=not args.whole, window=window,
+                           stride=stride, palette=palette)
+        print(f"rank {rank}: wrote {n} predictions to {args.save_dir}")
+    else:
+        datasets = [data.build_dataset(name, root, args.split, train=False,
+                                       **dataset_kwargs(name, args.split, trained))
+                    for name, root in data.parse_data(args.data)]
+        results = {}
+        for ds in datasets:
+            if ds.num_classes != model.config["num_classes"]:
+                raise ValueError(f"{ds.name} has {ds.num_classes} classes but the model in {args.ckpt} "
+                                 f"predicts {model.config['num_classes']}")
+            out_dir = None
+            if args.save_dir:
+                out_dir = args.save_dir / ds.name.replace(":", "_")
+                out_dir.mkdir(parents=True, exist_ok=True)
+            results[ds.name] = evaluate(model, ds, device=device, slide=not args.whole, window=window, stride=stride,
+                                        batch_size=args.batch_size, workers=args.workers, save_dir=out_dir,
+                                        fmt=args.format)
+        if rank == 0:
+            print(format_results(results, datasets[0].classes))
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(to_json(results, datasets[0].classes), indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (FileNotFoundError, ValueError, PermissionError) as e:
+        sys.exit(f"error: {e}")

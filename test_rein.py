@@ -1,0 +1,1543 @@
+"""Tests for the whole project. Run: python -m pytest -q test_rein.py
+
+Nothing here downloads: checkpoints, datasets and runs are created in pytest's tmp_path.
+Sections follow the files: vit.py, mask_head.py, rein.py, data.py, eval.py, train.py.
+"""
+
+import colorsys
+import itertools
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from torch.overrides import TorchFunctionMode
+
+import eval as evaluation
+import rein
+import train
+import vit
+from data import (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, MEAN, STD, SYNTHETIC_DOMAINS, build_dataset,
+                  choose_crop, palette_for, colorize, hsv_to_rgb, label_lut, parse_data,
+                  random_resize_crop_flip, rgb_to_hsv, to_test_tensor)
+from mask_head import (DecoderLayer, MaskHead, SetCriterion, attention_mask, linear_sum_assignment,
+                       linear_sum_assignment_batch, semantic_inference)
+
+
+# ---------------------------------------------------------------------------------------------
+# vit.py
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_vit(num_registers=0, ffn="mlp", patch_size=4, image_size=32):
+    """A 2-block ViT small enough for exact, fast reference computations."""
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(dim=16, depth=2, num_heads=2, ffn=ffn, patch_size=patch_size,
+                                  num_registers=num_registers, image_size=image_size).eval()
+    # Random values everywhere, LayerScale and norms included, so that every weight matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("arch, patch, regs, expected", [
+    ("vits14", 14, 0, 22_056_576), ("vitb14", 14, 0, 86_580_480), ("vitl14", 14, 0, 304_368_640),
+    ("vitg14", 14, 0, 1_136_480_768), ("vitl14", 16, 0, 304_199_680), ("vitl14", 14, 4, 304_368_640 + 4 * 1024),
+])
+def test_vit_parameter_counts(arch, patch, regs, expected):
+    """The official models' parameter counts, before and after the patch-16 conversion."""
+    with torch.device("meta"):
+        model = vit.build_vit(arch, patch, regs)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_vit_keys_are_the_official_ones():
+    """state_dict keys and shapes follow the official checkpoint layout (FACTS.md section 2)."""
+    with torch.device("meta"):
+        large, giant = vit.build_vit("vitl14", num_registers=4), vit.build_vit("vitg14")
+    shapes = {k: tuple(v.shape) for k, v in large.state_dict().items()}
+    assert shapes["cls_token"] == (1, 1, 1024) and shapes["pos_embed"] == (1, 1 + 37 * 37, 1024)
+    assert shapes["mask_token"] == (1, 1024) and shapes["register_tokens"] == (1, 4, 1024)
+    assert shapes["patch_embed.proj.weight"] == (1024, 3, 14, 14)
+    assert shapes["blocks.23.attn.qkv.weight"] == (3072, 1024) and shapes["blocks.0.ls1.gamma"] == (1024,)
+    assert shapes["blocks.5.mlp.fc1.weight"] == (4096, 1024) and shapes["norm.bias"] == (1024,)
+    per_block = {k.split(".", 2)[2] for k in shapes if k.startswith("blocks.0.")}
+    assert per_block == {f"{m}.{p}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+                         for p in ("weight", "bias")} | {"ls1.gamma", "ls2.gamma"}
+    g = giant.state_dict()
+    assert g["blocks.39.mlp.w12.weight"].shape == (8192, 1536) and g["blocks.39.mlp.w3.weight"].shape == (1536, 4096)
+
+
+def reference_forward(model, images):
+    """DINOv2's forward written out independently: patches by unfold, attention head by head.
+
+    Catches a wrong token order, a wrong qkv split or a wrong place for the registers.
+    """
+    p, C, heads = model.patch_size, model.dim, 2
+    B, _, H, W = images.shape
+    h, w = H // p, W // p
+    kernel = model.patch_embed.proj.weight.reshape(C, -1)
+    patches = F.unfold(images, p, stride=p).transpose(1, 2) @ kernel.T + model.patch_embed.proj.bias
+    x = torch.cat([model.cls_token.expand(B, 1, C), patches], 1) + model.interpolate_pos_embed(h, w)
+    if model.num_registers:
+        x = torch.cat([x[:, :1], model.register_tokens.expand(B, -1, C), x[:, 1:]], 1)
+    for blk in model.blocks:
+        y = F.layer_norm(x, (C,), blk.norm1.weight, blk.norm1.bias, 1e-6)
+        Wq, Wk, Wv = blk.attn.qkv.weight.split(C)
+        bq, bk, bv = blk.attn.qkv.bias.split(C)
+        outs = []
+        for i in range(heads):
+            s = slice(i * C // heads, (i + 1) * C // heads)
+            q, k, v = y @ Wq[s].T + bq[s], y @ Wk[s].T + bk[s], y @ Wv[s].T + bv[s]
+            outs.append(torch.softmax(q @ k.transpose(1, 2) / math.sqrt(C // heads), -1) @ v)
+        x = x + blk.ls1.gamma * blk.attn.proj(torch.cat(outs, -1))
+        y = F.layer_norm(x, (C,), blk.norm2.weight, blk.norm2.bias, 1e-6)
+        if isinstance(blk.mlp, vit.Mlp):
+            y = blk.mlp.fc2(F.gelu(blk.mlp.fc1(y)))
+        else:
+            a, b = blk.mlp.w12(y).chunk(2, -1)
+            y = blk.mlp.w3(F.silu(a) * b)
+        x = x + blk.ls2.gamma * y
+    return F.layer_norm(x, (C,), model.norm.weight, model.norm.bias, 1e-6)
+
+
+@pytest.mark.parametrize("regs, ffn, size", [(0, "mlp", (32, 32)), (4, "mlp", (24, 40)), (4, "swiglu", (36, 20))])
+def test_vit_matches_independent_reference(regs, ffn, size):
+    """Token order [cls, registers, patches], the qkv split and both FFNs, against a by-hand forward."""
+    model = tiny_vit(regs, ffn)
+    images = torch.randn(2, 3, *size)
+    out = model(images)
+    assert out.shape == (2, 1 + regs + (size[0] // 4) * (size[1] // 4), 16)
+    ref = reference_forward(model, images)
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-5
+
+
+def bicubic_reference(grid, out_h, out_w, scale_h, scale_w):
+    """PyTorch's bicubic resize (a = -0.75, border clamp, half-pixel centres) by hand in numpy."""
+    def weights(t):
+        a, t = -0.75, np.abs(t)
+        return np.where(t <= 1, (a + 2) * t**3 - (a + 3) * t**2 + 1,
+                        np.where(t < 2, a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a, 0.0))
+
+    def matrix(n_out, n_in, scale):
+        src = (np.arange(n_out) + 0.5) / scale - 0.5
+        base = np.floor(src)
+        m = np.zeros((n_out, n_in))
+        for tap in range(-1, 3):
+            idx = np.clip(base + tap, 0, n_in - 1).astype(int)
+            np.add.at(m, (np.arange(n_out), idx), weights(src - (base + tap)))
+        return m
+
+    n = grid.shape[0]
+    return matrix(out_h, n, scale_h) @ grid @ matrix(out_w, n, scale_w).T
+
+
+def antialiased_bicubic_reference(grid, out_h, out_w):
+    """PyTorch's antialiased bicubic resize to a size (a = -0.5, PIL's filter) by hand in numpy."""
+    def cubic(t):
+        a, t = -0.5, np.abs(t)
+        return np.where(t < 1, (a + 2) * t**3 - (a + 3) * t**2 + 1,
+                        np.where(t < 2, a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a, 0.0))
+
+    def matrix(n_out, n_in):
+        scale = n_in / n_out
+        support, stretch = 2 * max(scale, 1.0), max(scale, 1.0)
+        m = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            centre = scale * (i + 0.5)
+            lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+            js = np.arange(lo, hi)
+            w = cubic((js - centre + 0.5) / stretch)
+            m[i, lo:hi] = w / w.sum()
+        return m
+
+    return matrix(out_h, grid.shape[0]) @ grid @ matrix(out_w, grid.shape[1]).T
+
+
+def test_vit_register_models_resize_positions_without_offset_with_antialias():
+    """The _reg4 release resizes its grid to the size, antialiased: a different rule from the original."""
+    model = tiny_vit(num_registers=4, image_size=32)
+    grid = model.pos_embed[0, 1:, 3].detach().reshape(8, 8).double().numpy()
+    for h, w in [(5, 11), (3, 4), (12, 12)]:
+        got = model.interpolate_pos_embed(h, w)[0, 1:, 3].reshape(h, w).detach().double().numpy()
+        assert np.abs(got - antialiased_bicubic_reference(grid, h, w)).max() < 1e-5
+        assert np.abs(got - bicubic_reference(grid, h, w, (h + 0.1) / 8, (w + 0.1) / 8)).max() > 1e-3
+
+
+def test_vit_position_embedding_interpolation():
+    """Native grid: unchanged. Other grids: bicubic with the 0.1 offset, smooth and shaped right."""
+    model = tiny_vit(image_size=32)  # an 8 x 8 grid
+    n = model.grid
+    ys, xs = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    smooth = np.sin(ys / 3.0) + np.cos(xs / 4.0)  # one smooth channel
+    with torch.no_grad():
+        model.pos_embed[0, 1:, 0] = torch.tensor(smooth.ravel(), dtype=torch.float32)
+    assert model.interpolate_pos_embed(n, n) is model.pos_embed
+    for h, w in [(5, 11), (12, 12), (8, 3)]:
+        pos = model.interpolate_pos_embed(h, w)
+        assert pos.shape == (1, 1 + h * w, 16) and torch.equal(pos[:, 0], model.pos_embed[:, 0])
+        got = pos[0, 1:, 0].reshape(h, w).detach().double().numpy()
+        offset = bicubic_reference(smooth, h, w, (h + 0.1) / n, (w + 0.1) / n)
+        plain = bicubic_reference(smooth, h, w, h / n, w / n)
+        assert np.abs(got - offset).max() < 1e-5
+        assert np.abs(got - plain).max() > 1e-3  # the offset really matters
+        # Smooth: neighbouring values differ by no more than the function's own slope allows.
+        assert np.abs(np.diff(got, axis=0)).max() < 1.0 and np.abs(np.diff(got, axis=1)).max() < 1.0
+
+
+def official_layout_checkpoint(tmp_path, arch="vits14", regs=0):
+    """A random checkpoint of an official architecture, saved as the release saves it."""
+    torch.manual_seed(1)
+    state = vit.build_vit(arch, 14, regs).state_dict()
+    path = tmp_path / f"dinov2_{arch}{'_reg4' if regs else ''}_pretrain.pth"
+    torch.save(state, path)
+    return state, path
+
+
+def test_vit_loads_from_path_url_and_state_dict(tmp_path, monkeypatch):
+    """An official-layout file loads strictly from a path, a file:// URL (via the hub cache) and a dict."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    state, path = official_layout_checkpoint(tmp_path)
+    for source in (path, str(path), path.as_uri(), state):
+        with torch.device("meta"):
+            model = vit.build_vit("vits14")
+        vit.load_dinov2(model, source)
+        loaded = model.state_dict()
+        assert loaded.keys() == state.keys()
+        assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert (tmp_path / "torch_home" / "hub" / "checkpoints" / path.name).is_file()
+    images = torch.randn(1, 3, 28, 42)
+    assert model(images).shape == (1, 1 + 2 * 3, 384)
+
+
+def test_vit_short_names_resolve_to_official_urls():
+    """--weights vitl14_reg4 means the official file."""
+    assert vit.resolve_source("vitl14") == \
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
+    assert vit.resolve_source("vitg14_reg4") == \
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth"
+    assert vit.resolve_source("runs/my.pth") == "runs/my.pth"
+
+
+def test_vit_patch16_conversion_resamples_kernel_and_grid():
+    """Patch 14 -> 16: the kernel and the 37 x 37 grid are resized to a size, half-pixel aligned."""
+    with torch.device("meta"):
+        src_model = vit.build_vit("vits14")
+    torch.manual_seed(0)
+    state = {k: torch.randn(v.shape) for k, v in src_model.state_dict().items()}
+    with torch.device("meta"):
+        model = vit.build_vit("vits14", patch_size=16)
+    vit.load_dinov2(model, state)
+    kernel, pos = model.patch_embed.proj.weight.detach(), model.pos_embed.detach()
+    assert kernel.shape == (384, 3, 16, 16) and pos.shape == (1, 1 + 32 * 32, 384)
+    src_kernel = state["patch_embed.proj.weight"][7, 2].double().numpy()
+    expected = bicubic_reference(src_kernel, 16, 16, 16 / 14, 16 / 14)
+    assert np.abs(kernel[7, 2].double().numpy() - expected).max() < 1e-5
+    src_grid = state["pos_embed"][0, 1:, 5].reshape(37, 37).double().numpy()
+    expected = bicubic_reference(src_grid, 32, 32, 32 / 37, 32 / 37)
+    assert np.abs(pos[0, 1:, 5].reshape(32, 32).double().numpy() - expected).max() < 1e-5
+    assert torch.equal(pos[:, 0], state["pos_embed"][:, 0])
+    assert model(torch.randn(1, 3, 64, 48)).shape == (1, 1 + 4 * 3, 384)
+
+
+def test_vit_registers_output_shapes():
+    """The _reg4 variant returns [cls, 4 registers, patches]; registers carry no position."""
+    model = tiny_vit(num_registers=4)
+    tokens, grid = model.prepare_tokens(torch.randn(3, 3, 16, 24))
+    assert grid == (4, 6) and tokens.shape == (3, 1 + 4 + 24, 16)
+    assert torch.equal(tokens[:, 1:5], model.register_tokens.expand(3, -1, -1))
+    assert model(torch.randn(3, 3, 16, 24)).shape == (3, 29, 16)
+
+
+def test_vit_errors_are_clear(tmp_path):
+    """Missing file, not a checkpoint, wrong size, wrong keys, bad image size, unknown arch."""
+    with torch.device("meta"):
+        small, large = vit.build_vit("vits14"), vit.build_vit("vitl14")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        vit.load_dinov2(small, tmp_path / "nope.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth cannot be read as DINOv2 weights"):
+        vit.load_dinov2(small, junk)
+    torch.save({"model": {}}, tmp_path / "wrapped.pth")
+    with pytest.raises(ValueError, match="not a DINOv2 state dict"):
+        vit.load_dinov2(small, tmp_path / "wrapped.pth")
+    state = small.state_dict()
+    with pytest.raises(ValueError, match="width 384, 12 blocks.*this is vits14, not vitl14"):
+        vit.load_dinov2(large, state)
+    with torch.device("meta"):
+        with_regs = vit.build_vit("vits14", num_registers=4)
+    with pytest.raises(ValueError, match="this is vits14, not vits14_reg4"):
+        vit.load_dinov2(with_regs, state)
+    broken = dict(state)
+    del broken["blocks.3.attn.proj.bias"]
+    broken["head.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"missing keys \['blocks.3.attn.proj.bias'\].*"
+                                         r"unexpected keys \['head.weight'\]"):
+        vit.load_dinov2(small, broken)
+    with pytest.raises(ValueError, match="image size 30x28 is not a multiple of the patch size 4"):
+        tiny_vit()(torch.randn(1, 3, 30, 28))
+    with pytest.raises(ValueError, match="unknown ViT arch 'vith14'.*vits14, vitb14, vitl14, vitg14"):
+        vit.build_vit("vith14")
+
+
+# ---------------------------------------------------------------------------------------------
+# mask_head.py
+# ---------------------------------------------------------------------------------------------
+
+
+def cost_matrices(rng: np.random.Generator, shape: tuple[int, int]) -> list[np.ndarray]:
+    """Random, tied (few distinct integers, or all equal) and badly scaled matrices."""
+    return [
+        rng.random(shape),
+        rng.integers(0, 3, shape).astype(float),
+        np.full(shape, 7.0),
+        10.0 ** rng.uniform(-9, 9, shape) * rng.choice([-1, 1], shape),
+    ]
+
+
+def check_assignment(cost: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> None:
+    """scipy's output format: int64, length min(R, C), rows ascending, no row or column twice."""
+    assert rows.dtype == cols.dtype == np.int64
+    assert len(rows) == len(cols) == min(cost.shape)
+    assert np.all(np.diff(rows) > 0) and len(set(cols.tolist())) == len(cols)
+
+
+def test_assignment_equals_brute_force_on_small_matrices():
+    """The total equals the best of all assignments, found by enumeration."""
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (1, 6), (6, 1), (3, 3), (4, 6), (6, 4), (5, 5), (2, 7)]:
+        for cost in cost_matrices(rng, shape):
+            rows, cols = linear_sum_assignment(cost)
+            check_assignment(cost, rows, cols)
+            short = cost if shape[0] <= shape[1] else cost.T
+            best = min(
+                short[np.arange(short.shape[0]), list(p)].sum()
+                for p in itertools.permutations(range(short.shape[1]), short.shape[0])
+            )
+            assert np.isclose(cost[rows, cols].sum(), best, rtol=1e-12, atol=0), (shape, cost)
+
+
+def test_assignment_never_beaten_on_large_matrices():
+    """No one of 1,000 random assignments, and no swap of two rows' columns, does better."""
+    rng = np.random.default_rng(1)
+    for shape in [(100, 19), (19, 100), (1, 80), (80, 1), (50, 50)]:
+        for cost in cost_matrices(rng, shape):
+            rows, cols = linear_sum_assignment(cost)
+            check_assignment(cost, rows, cols)
+            total = cost[rows, cols].sum()
+            tol = 1e-9 * np.abs(cost).max() * min(shape)
+            short = cost if shape[0] <= shape[1] else cost.T
+            n, m = short.shape
+            random_totals = [short[np.arange(n), rng.permutation(m)[:n]].sum() for _ in range(1000)]
+            assert min(random_totals) >= total - tol, shape
+            r, c = (rows, cols) if shape[0] <= shape[1] else (cols[np.argsort(cols)], rows[np.argsort(cols)])
+            # swapped[i, j]: row i takes row j's column and row j takes row i's.
+            swapped = short[r[:, None], c[None, :]] + short[r[None, :], c[:, None]]
+            kept = short[r, c][:, None] + short[r, c][None, :]
+            assert np.all(swapped >= kept - tol), shape
+
+
+def test_assignment_of_empty_matrices_and_bad_input():
+    """An empty matrix (no labelled pixel) gives empty int64 arrays; NaN or 3-D input is refused."""
+    for shape in [(0, 0), (0, 5), (5, 0)]:
+        rows, cols = linear_sum_assignment(np.zeros(shape))
+        assert rows.shape == cols.shape == (0,) and rows.dtype == cols.dtype == np.int64
+    with pytest.raises(ValueError, match="2-D"):
+        linear_sum_assignment(np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match="non-finite"):
+        linear_sum_assignment(np.array([[0.0, np.nan]]))
+
+
+def test_batched_assignment_matches_one_by_one():
+    """Solving problems together gives each its optimal total."""
+    rng = np.random.default_rng(2)
+    costs = rng.random((10, 100, 19))
+    rows, cols = linear_sum_assignment_batch(costs)
+    for cost, r, c in zip(costs, rows, cols):
+        single_rows, single_cols = linear_sum_assignment(cost)
+        assert np.isclose(cost[r, c].sum(), cost[single_rows, single_cols].sum(), rtol=1e-12)
+
+
+def tiny_head(num_classes: int = 3, **kwargs) -> MaskHead:
+    """A small head: width 16, 6 queries, 3 layers."""
+    args = dict(in_dim=8, num_queries=6, dim=16, num_layers=3, num_heads=2, ffn_dim=32)
+    return MaskHead(num_classes=num_classes, **(args | kwargs))
+
+
+def tiny_maps(batch: int = 2, size: int = 64, in_dim: int = 8) -> list[torch.Tensor]:
+    """Random feature maps at strides 4, 8, 16, 32 of a size x size image."""
+    return [torch.randn(batch, in_dim, size // s, size // s) for s in (4, 8, 16, 32)]
+
+
+@pytest.mark.parametrize("rein_queries", [False, True])
+def test_head_output_shapes(rein_queries):
+    """num_layers + 1 predictions of class logits (B, Q, K+1) and masks at stride 4."""
+    torch.manual_seed(0)
+    head = tiny_head(rein_queries=rein_queries)
+    queries = torch.randn(6, 16) if rein_queries else None
+    predictions = head(tiny_maps(batch=2, size=64), queries)
+    assert len(predictions) == 4
+    for class_logits, mask_logits in predictions:
+        assert class_logits.shape == (2, 6, 4) and mask_logits.shape == (2, 6, 16, 16)
+
+
+def test_head_rejects_bad_input_clearly():
+    """Wrong number of maps, wrong width and misused queries name what was expected."""
+    head = tiny_head()
+    with pytest.raises(ValueError, match="list of 4 feature maps.*got 3 maps"):
+        head(tiny_maps()[:3])
+    with pytest.raises(ValueError, match=r"in_dim=8.*map 0 has shape \(2, 5, 16, 16\)"):
+        head(tiny_maps(in_dim=5))
+    with pytest.raises(ValueError, match="rein_queries=False"):
+        head(tiny_maps(), torch.randn(6, 16))
+    with pytest.raises(ValueError, match="needs the queries"):
+        tiny_head(rein_queries=True)(tiny_maps())
+    with pytest.raises(ValueError, match=r"\(num_queries=6, dim=16\)"):
+        tiny_head(rein_queries=True)(tiny_maps(), torch.randn(5, 16))
+
+
+def test_masked_attention_ignores_features_outside_the_masks():
+    """Memory outside every query's mask cannot change the layer output, unless a mask is empty."""
+    torch.manual_seed(0)
+    layer = DecoderLayer(dim=16, num_heads=2, ffn_dim=32)
+    mask_logits = torch.randn(1, 4, 12, 12)
+    mask_logits[..., :6] = -5.0  # the left half is outside every mask...
+    mask_logits[..., 0, 11] = 5.0  # ...and no mask is empty
+    attend = attention_mask(mask_logits, (6, 6))  # masks come from the previous (finer) prediction
+    outside = ~attend[0].any(0)  # (36,)
+    assert outside.view(6, 6)[:, :3].all()
+    query, query_pos = torch.randn(1, 4, 16), torch.randn(1, 4, 16)
+    memory, memory_pos = torch.randn(1, 36, 16), torch.randn(1, 36, 16)
+    changed = memory.clone()
+    changed[:, outside] = torch.randn(1, int(outside.sum()), 16)
+    before = layer(query, query_pos, memory, memory_pos, attend)
+    assert torch.allclose(layer(query, query_pos, changed, memory_pos, attend), before, atol=1e-6)
+
+    mask_logits[:, 0] = -5.0  # query 0's mask is now empty: it attends everywhere
+    attend = attention_mask(mask_logits, (6, 6))
+    assert attend[0, 0].all() and not attend[0, 1].all()
+    before = layer(query, query_pos, memory, memory_pos, attend)
+    after = layer(query, query_pos, changed, memory_pos, attend)
+    assert not torch.allclose(after[:, 0], before[:, 0], atol=1e-3)
+
+
+def synthetic_labels(num_classes: int, size: int = 64) -> torch.Tensor:
+    """(1, size, size) labels: a background, a square and a bar, on a 4-pixel grid."""
+    label = torch.zeros(1, size, size, dtype=torch.int64)
+    label[:, 8:32, 8:40] = 1 % num_classes
+    label[:, 44:56, :] = 2 % num_classes
+    return label
+
+
+@pytest.mark.parametrize(
+    "num_classes, labels",
+    [
+        (19, torch.full((2, 64, 64), 4)),  # one class
+        (19, torch.full((2, 64, 64), 255)),  # no labelled pixel
+        (19, torch.arange(19).repeat_interleave(4).repeat(64, 1)[None, :, :64].repeat(2, 1, 1)),  # 19 classes
+        (1, synthetic_labels(2).repeat(2, 1, 1).masked_fill(synthetic_labels(2) == 1, 255)),  # binary
+    ],
+    ids=["one-class", "all-ignored", "all-19", "binary"],
+)
+def test_losses_are_finite(num_classes, labels):
+    """Every loss is a finite float32 scalar, also with 19 targets for 20 queries."""
+    torch.manual_seed(0)
+    head = tiny_head(num_classes=num_classes, num_queries=20)
+    losses = SetCriterion(num_classes=num_classes, num_points=256)(head(tiny_maps(batch=2)), labels)
+    assert set(losses) == {"loss", "loss_ce", "loss_mask", "loss_dice"}
+    for value in losses.values():
+        assert value.dtype == torch.float32 and value.ndim == 0 and torch.isfinite(value)
+    assert (losses["loss_mask"] == 0) == (labels == 255).all()
+
+
+def test_more_targets_than_queries():
+    """With 19 classes and 6 queries only 6 targets are matched; the loss stays finite."""
+    torch.manual_seed(0)
+    labels = torch.arange(19).repeat_interleave(4).repeat(64, 1)[None, :, :64]
+    predictions = tiny_head(num_classes=19)(tiny_maps(batch=1))
+    losses = SetCriterion(num_classes=19, num_points=64)(predictions, labels)
+    assert torch.isfinite(losses["loss"])
+
+
+@pytest.mark.parametrize("rein_queries", [False, True])
+def test_every_parameter_gets_a_gradient_without_labelled_pixels(rein_queries):
+    """DDP needs every parameter in the graph: all get finite gradients from an all-255 label."""
+    torch.manual_seed(0)
+    head = tiny_head(rein_queries=rein_queries)
+    queries = torch.randn(6, 16, requires_grad=True) if rein_queries else None
+    labels = torch.full((2, 64, 64), 255)
+    SetCriterion(num_classes=3, num_points=64)(head(tiny_maps(), queries), labels)["loss"].backward()
+    for name, p in head.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert queries is None or queries.grad is not None
+
+
+def test_bad_labels_name_the_bad_values():
+    """Label values other than 0..K-1 and 255 are refused with the values in the message."""
+    labels = torch.zeros(1, 64, 64, dtype=torch.int64)
+    labels[0, 0, :3] = torch.tensor([19, 42, -1])
+    predictions = tiny_head(num_classes=19)(tiny_maps(batch=1))
+    with pytest.raises(ValueError, match=r"0\.\.18 or 255.*found \[-1, 19, 42\]"):
+        SetCriterion(num_classes=19)(predictions, labels)
+    with pytest.raises(ValueError, match="num_classes\\+1=4"):
+        SetCriterion(num_classes=3)(predictions, torch.zeros(1, 64, 64, dtype=torch.int64))
+
+
+def test_loss_is_float32_under_bf16_autocast():
+    """The criterion computes in float32 whatever precision the head ran in."""
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        predictions = tiny_head()(tiny_maps())
+        losses = SetCriterion(num_classes=3, num_points=64)(predictions, synthetic_labels(3).repeat(2, 1, 1))
+    assert predictions[-1][1].dtype == torch.bfloat16
+    assert losses["loss"].dtype == torch.float32 and torch.isfinite(losses["loss"])
+
+
+def test_distributed_mask_count_is_all_reduced(tmp_path):
+    """Under torch.distributed (one gloo rank) the loss is the same as without it."""
+    torch.manual_seed(0)
+    predictions = tiny_head()(tiny_maps())
+    labels = synthetic_labels(3).repeat(2, 1, 1)
+    criterion = SetCriterion(num_classes=3, num_points=64)
+    torch.manual_seed(1)
+    expected = criterion(predictions, labels)["loss"]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(1)
+        assert torch.allclose(criterion(predictions, labels)["loss"], expected)
+    finally:
+        dist.destroy_process_group()
+
+
+class LargestTensor(TorchFunctionMode):
+    """Records the largest tensor any torch function returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_loss_never_builds_full_resolution_masks_for_all_queries():
+    """Point sampling: no tensor in the criterion is as large as Q masks at label resolution."""
+    torch.manual_seed(0)
+    Q, size = 50, 128
+    predictions = tiny_head(num_queries=Q, num_layers=1)(tiny_maps(batch=1, size=size))
+    labels = synthetic_labels(3, size)
+    with LargestTensor() as mode:
+        SetCriterion(num_classes=3, num_points=256)(predictions, labels)
+    assert mode.numel < Q * size * size / 4
+
+
+def test_semantic_inference_combines_class_and_mask():
+    """A confident query's class wins where its mask is on."""
+    class_logits = torch.full((1, 2, 4), -10.0)
+    class_logits[0, 0, 1] = class_logits[0, 1, 2] = 10.0  # query 0 says class 1, query 1 class 2
+    mask_logits = torch.full((1, 2, 4, 6), -10.0)
+    mask_logits[0, 0, :, :3] = mask_logits[0, 1, :, 3:] = 10.0  # left half, right half
+    scores = semantic_inference(class_logits, mask_logits)
+    assert scores.shape == (1, 3, 4, 6)
+    expected = torch.tensor([1, 1, 1, 2, 2, 2]).expand(4, 6)
+    assert torch.equal(scores[0].argmax(0), expected)
+
+
+def test_head_overfits_one_image():
+    """Head and loss learn one synthetic image to near-perfect mIoU from fixed random features."""
+    torch.manual_seed(0)
+    head = tiny_head(num_classes=3, dim=32, num_queries=8, ffn_dim=64)
+    maps = tiny_maps(batch=1, size=64)
+    labels = synthetic_labels(3)
+    criterion = SetCriterion(num_classes=3, num_points=256)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    for _ in range(75):
+        loss = criterion(head(maps), labels)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        scores = semantic_inference(*head(maps)[-1])  # (1, 3, 16, 16)
+    pred = torch.nn.functional.interpolate(scores, size=(64, 64), mode="bilinear").argmax(1)
+    ious = [((pred == k) & (labels == k)).sum() / ((pred == k) | (labels == k)).sum() for k in range(3)]
+    assert torch.stack(ious).mean() > 0.95, ious
+
+
+# ---------------------------------------------------------------------------------------------
+# rein.py
+# ---------------------------------------------------------------------------------------------
+
+def small_model(method="rein", registers="", **kw):
+    """A ViT-S segmenter with a tiny head, random weights: fast enough for CPU tests."""
+    torch.manual_seed(0)
+    kw = dict(num_queries=8, head_dim=32, head_layers=3, num_classes=5) | kw
+    return rein.build_model(method=method, backbone="vits14" + registers, **kw)
+
+
+def rein_formula(N, c, m=100, r=16, q=256):
+    """FACTS.md section 1: N*m*r + N*r*c + 2*(c*c + c) + 1 + (c*q + q) + (3q*q + q)."""
+    return N * m * r + N * r * c + 2 * (c * c + c) + 1 + (c * q + q) + (3 * q * q + q)
+
+
+@pytest.mark.parametrize("depth, dim, expected", [
+    (12, 384, 684_033), (12, 768, 1_741_569), (24, 1024, 2_990_081), (40, 1536, 6_359_041), (32, 1280, 4_510_721)])
+def test_rein_parameter_counts(depth, dim, expected):
+    """Rein's trainable parameters equal FACTS.md for S, B, L, g (and SAM ViT-H)."""
+    assert sum(p.numel() for p in rein.Rein(depth, dim).parameters()) == expected == rein_formula(depth, dim)
+
+
+def test_rein_backbone_trainable_counts_per_method(capsys):
+    """rein: only Rein trains in the backbone; freeze: nothing; full: all of the ViT but the two parts
+    segmentation never uses, the pre-training mask token and the final norm. The count is printed."""
+    counts = {}
+    for method in rein.METHODS:
+        model = small_model(method)
+        counts[method] = rein.count_trainable(model.backbone)
+        assert f"{counts[method]:,} trainable parameters in the backbone" in capsys.readouterr().out
+    # ViT-S/14 converted to patch 16 has 21,993,216 parameters: 384 in the mask token and 768
+    # in the final norm. The small head asks for 8 queries of width 32.
+    assert counts == {"rein": rein_formula(12, 384, m=8, q=32), "freeze": 0, "full": 21_993_216 - 384 - 768}
+
+
+def test_rein_layer_follows_the_equations():
+    """forward is FACTS.md section 1 term by term: T = A @ B, token 0 joins the softmax but sends no value."""
+    torch.manual_seed(0)
+    layer = rein.Rein(3, 12, num_tokens=5, rank=2, query_dim=8)
+    with torch.no_grad():
+        layer.scale.fill_(0.7)
+    f = torch.randn(2, 6, 12)
+    for i in range(3):
+        T = layer.learnable_tokens_a[i] @ layer.learnable_tokens_b[i]
+        assert torch.equal(layer.tokens(i), T)
+        S = torch.softmax(f @ T.T / math.sqrt(12), dim=-1)
+        dF_bar = S[..., 1:] @ layer.mlp_token2feat(T[1:])
+        expected = f + 0.7 * layer.mlp_delta_f(dF_bar + f)
+        assert torch.allclose(layer(f, i), expected, atol=1e-6)
+        # Sending token 0's value too would change the result: the test can tell.
+        wrong = f + 0.7 * layer.mlp_delta_f(S @ layer.mlp_token2feat(T) + f)
+        assert not torch.allclose(layer(f, i), wrong, atol=1e-4)
+
+
+def test_rein_initialisation_is_the_official_one():
+    """Tokens uniform in +-sqrt(6 / (3 p^2 + sqrt(c r))), scale 1e-3."""
+    layer = rein.Rein(24, 1024)
+    v = math.sqrt(6 / (3 * 16 * 16 + math.sqrt(1024 * 16)))
+    for t in (layer.learnable_tokens_a, layer.learnable_tokens_b):
+        assert t.abs().max() <= v and t.abs().max() > 0.95 * v and abs(t.mean()) < 0.01 * v
+    assert layer.scale.item() == pytest.approx(1e-3)
+
+
+def test_rein_queries_interleave_max_mean_last():
+    """Q = merge([max_i Q_i, mean_i Q_i, Q_N] per channel, interleaved), not concatenated block-wise."""
+    torch.manual_seed(0)
+    layer = rein.Rein(4, 12, num_tokens=5, rank=3, query_dim=6)
+    Qi = layer.transform(torch.stack([layer.tokens(i) for i in range(4)]))  # (N, m, q)
+    interleaved = torch.empty(5, 18)
+    interleaved[:, 0::3], interleaved[:, 1::3], interleaved[:, 2::3] = Qi.max(0).values, Qi.mean(0), Qi[-1]
+    Q = layer.queries()
+    assert Q.shape == (5, 6)
+    assert torch.allclose(Q, layer.merge(interleaved), atol=1e-6)
+    blockwise = torch.cat([Qi.max(0).values, Qi.mean(0), Qi[-1]], dim=-1)
+    assert not torch.allclose(Q, layer.merge(blockwise), atol=1e-3)
+
+
+def test_rein_with_zero_scale_reproduces_the_plain_vit():
+    """scale = 0: the refined backbone's features equal the frozen ViT's, exactly."""
+    model = small_model()
+    with torch.no_grad():
+        model.backbone.rein.scale.zero_()
+    images = torch.randn(2, 3, 64, 48)
+    maps, queries = model.backbone(images)
+    plain = rein.ReinViT(model.backbone.vit, None)
+    plain_maps, no_queries = plain(images)
+    assert no_queries is None and queries.shape == (8, 32)
+    assert all(torch.equal(a, b) for a, b in zip(maps, plain_maps))
+    # ... and those are the ViT's own block outputs at blocks 3, 5, 7, 11.
+    x, (h, w) = model.backbone.vit.prepare_tokens(images)
+    outs = []
+    for block in model.backbone.vit.blocks:
+        x = block(x)
+        outs.append(x[:, 1:].transpose(1, 2).reshape(2, 384, h, w))
+    assert torch.equal(plain_maps[2], outs[7])
+    assert torch.allclose(plain_maps[0], F.interpolate(outs[3], scale_factor=4, mode="bilinear"))
+
+
+def test_rein_maps_strides_and_feature_blocks():
+    """Four maps at strides 4, 8, 16, 32; blocks 7, 11, 15, 23 for ViT-L and the same fractions elsewhere."""
+    model = small_model()
+    maps, _ = model.backbone(torch.randn(1, 3, 64, 96))
+    assert [tuple(m.shape[-2:]) for m in maps] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert model.backbone.feature_blocks == (3, 5, 7, 11)
+    with torch.device("meta"):
+        assert rein.ReinViT(vit.build_vit("vitl14"), None).feature_blocks == (7, 11, 15, 23)
+        assert rein.ReinViT(vit.build_vit("vitg14"), None).feature_blocks == (12, 19, 26, 39)
+
+
+def test_rein_refines_patches_only(monkeypatch):
+    """Class and register tokens pass through Rein unchanged: Rein sees exactly the h*w patches."""
+    model = small_model(registers="_reg4")
+    seen, original = [], rein.Rein.forward
+
+    def spy(self, f, layer):
+        seen.append(f.shape)
+        return original(self, f, layer)
+
+    monkeypatch.setattr(rein.Rein, "forward", spy)
+    model.backbone(torch.randn(2, 3, 32, 48))
+    assert seen == [(2, 2 * 3, 384)] * 12
+
+
+def test_rein_gradients_reach_rein_and_never_the_frozen_vit():
+    """Every Rein parameter gets a gradient, no frozen one does, and a step leaves the ViT unchanged."""
+    model = small_model().train()
+    assert model.backbone.vit.training is False and model.train() is model
+    before = {k: v.clone() for k, v in model.backbone.vit.state_dict().items()}
+    opt = torch.optim.AdamW(model.param_groups(lr=1e-3, weight_decay=0.05))
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
+    model.loss(images, labels)["loss"].backward()
+    for name, p in model.backbone.rein.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in model.backbone.vit.parameters())
+    rein_before = {k: v.clone() for k, v in model.backbone.rein.state_dict().items()}
+    opt.step()
+    after = model.backbone.vit.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not torch.equal(rein_before[k], v) for k, v in model.backbone.rein.state_dict().items())
+
+
+def test_rein_gradient_checkpointing_changes_nothing_but_memory():
+    """grad_ckpt gives the same loss and the same gradients."""
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
+    grads = []
+    for ckpt in (False, True):
+        model = small_model()
+        model.backbone.grad_ckpt = ckpt
+        torch.manual_seed(1)  # the criterion samples points at random
+        model.loss(images, labels)["loss"].backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_rein_checkpoint_holds_only_what_trains(tmp_path):
+    """rein: the trainable state is Rein + head; it round-trips strictly; full adds the ViT."""
+    model = small_model()
+    state = model.trainable_state_dict()
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in state if k.startswith("backbone")} == {"backbone.rein"}
+    assert sum(v.numel() for v in state.values()) == rein.count_trainable(model)
+    other = small_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    other.load_trainable_state_dict(state)
+    assert all(torch.equal(other.trainable_state_dict()[k], v) for k, v in state.items())
+    full = small_model("full").trainable_state_dict()
+    assert "backbone.vit.blocks.0.attn.qkv.weight" in full
+    with pytest.raises(ValueError, match="does not fit this rein model: missing"):
+        other.load_trainable_state_dict(full)
+
+
+def test_rein_param_groups():
+    """No decay on norms, tokens, scale, query and level embeddings; full trains the ViT at 0.1x."""
+    for method in rein.METHODS:
+        model = small_model(method)
+        groups = model.param_groups(lr=1e-4, weight_decay=0.05)
+        by_param = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert len(by_param) == sum(p.requires_grad for p in model.parameters())
+        for pid, (lr, wd) in by_param.items():
+            name = names[pid]
+            assert lr == pytest.approx(1e-5 if name.startswith("backbone.vit.") else 1e-4), name
+            no_decay = "norm" in name or "learnable_tokens" in name or name.endswith("rein.scale") \
+                or "query_embed" in name or "level_embed" in name
+            assert wd == (0.0 if no_decay else 0.05), name
+
+
+def test_rein_official_checkpoint_loads_and_mismatches_are_explained(tmp_path):
+    """backbone.reins.* of an official release checkpoint loads strictly; another width/depth is named."""
+    source = rein.Rein(12, 384)
+    state = {"backbone.reins." + k: v for k, v in source.state_dict().items()}
+    state["backbone.blocks.0.norm1.weight"] = torch.zeros(384)
+    torch.save({"meta": {}, "state_dict": state}, tmp_path / "rein_official.pth")
+    target = rein.load_official_rein(rein.Rein(12, 384), tmp_path / "rein_official.pth")
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
+    with pytest.raises(ValueError, match=r"shape \(12, 100, 16\), this model needs \(24, 100, 16\).*"
+                                         r"12 blocks of width 384.*24 blocks of width 1024"):
+        rein.load_official_rein(rein.Rein(24, 1024), tmp_path / "rein_official.pth")
+    with pytest.raises(ValueError, match=r"learnable_tokens_b has shape \(12, 16, 384\), this model needs "
+                                         r"\(12, 16, 768\).*12 blocks of width 384.*12 blocks of width 768"):
+        rein.load_official_rein(rein.Rein(12, 768), tmp_path / "rein_official.pth")
+    with pytest.raises(ValueError, match="unknown method 'lora'; expected one of rein, freeze, full"):
+        rein.build_model(method="lora")
+
+
+# ---------------------------------------------------------------------------------------------
+# data.py
+# ---------------------------------------------------------------------------------------------
+
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+# The spec (FACTS.md section 5), written out independently of data.py.
+CITYSCAPES_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+                  25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+SYNTHIA_IDS = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11, 17: 12,
+               8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
+# Mapillary v1.2 label value -> train id by the name rule, worked out by hand; others are 255.
+MAPILLARY_IDS = {2: 1, 3: 4, 6: 3, 7: 0, 8: 0, 9: 1, 10: 0, 11: 1, 13: 0, 14: 0, 15: 1, 17: 2, 19: 11,
+                 20: 12, 21: 12, 22: 12, 23: 0, 24: 0, 27: 10, 29: 9, 30: 8, 44: 5, 45: 5, 46: 7, 47: 5,
+                 48: 6, 49: 7, 50: 7, 52: 18, 54: 15, 55: 13, 57: 17, 58: 16, 61: 14}
+
+
+def expected(mapping: dict[int, int], values: np.ndarray) -> np.ndarray:
+    return np.array([mapping.get(int(v), 255) for v in values.ravel()], dtype=np.uint8).reshape(values.shape)
+
+
+def save(path: Path, array: np.ndarray, palette: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array)
+    if palette:
+        image.putpalette(CITYSCAPES_PALETTE.tobytes())  # turns an 8-bit image into a palette PNG
+    image.save(path)
+
+
+def save_png16(path: Path, rgb: np.ndarray) -> None:
+    """Write (H, W, 3) uint16 as a 16-bit RGB PNG; Sub-filtered rows make decoding depend on the pixel size."""
+    height, width, _ = rgb.shape
+    raw = rgb.astype(">u2").view(np.uint8).reshape(height, width * 6).astype(np.int16)
+    raw[:, 6:] -= raw[:, :-6].copy()
+    rows = b"".join(b"\x01" + (row % 256).astype(np.uint8).tobytes() for row in raw)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def all_values(count: int, rows: int = 2) -> np.ndarray:
+    return np.tile(np.arange(count, dtype=np.uint8), (rows, 1))
+
+
+def block_label(height: int, width: int, cell: int, seed: int) -> np.ndarray:
+    grid = np.random.default_rng(seed).integers(0, 19, (height // cell + 1, width // cell + 1))
+    return np.kron(grid, np.ones((cell, cell), dtype=np.int64))[:height, :width].astype(np.uint8)
+
+
+def interior(label: np.ndarray, margin: int = 2) -> np.ndarray:
+    """Mask of pixels whose (2 margin + 1)^2 neighbourhood holds one label (edges excluded)."""
+    height, width = label.shape
+    centre = label[margin:height - margin, margin:width - margin]
+    same = np.ones_like(centre, dtype=bool)
+    for dy in range(-margin, margin + 1):
+        for dx in range(-margin, margin + 1):
+            same &= label[margin + dy:height - margin + dy, margin + dx:width - margin + dx] == centre
+    mask = np.zeros_like(label, dtype=bool)
+    mask[margin:height - margin, margin:width - margin] = same
+    return mask
+
+
+def test_label_lut_tables_follow_the_spec():
+    """label_lut gives 256-entry uint8 tables equal to FACTS.md for every id scheme."""
+    values = np.arange(256)
+    for name in ("cityscapes", "gta", "acdc:night"):
+        assert label_lut(name).dtype == np.uint8 and (label_lut(name) == expected(CITYSCAPES_IDS, values)).all()
+    assert (label_lut("synthia") == expected(SYNTHIA_IDS, values)).all()
+    assert (label_lut("bdd") == np.where(values < 19, values, 255)).all()
+
+
+def test_gta_palette_pngs_map_every_id(tmp_path):
+    """GTAV: 8-bit palette PNG labels in Cityscapes ids land on the right train ids."""
+    raw = all_values(34)
+    save(tmp_path / "images" / "00001.png", rgb(2, 34))
+    save(tmp_path / "labels" / "00001.png", raw, palette=True)
+    dataset = build_dataset("gta", tmp_path, "train", train=False)
+    image, label = dataset.read(0)
+    assert image.shape == (2, 34, 3) and label.dtype == np.uint8
+    assert (label == expected(CITYSCAPES_IDS, raw)).all()
+    assert dataset.unknown_pixels == 0 and dataset.num_classes == 19 and dataset.name == "gta"
+
+
+def test_converted_train_id_files_are_accepted(tmp_path):
+    """GTAV and Cityscapes `_labelTrainIds.png` files are read as train ids when no raw labels exist."""
+    train_ids = np.array([[0, 5, 18, 255]], dtype=np.uint8)
+    save(tmp_path / "gta" / "images" / "00001.png", rgb(1, 4))
+    save(tmp_path / "gta" / "labels" / "00001_labelTrainIds.png", train_ids)
+    base = tmp_path / "cs" / "gtFine" / "train" / "ulm" / "ulm_000000_000019"
+    save(tmp_path / "cs" / "leftImg8bit" / "train" / "ulm" / "ulm_000000_000019_leftImg8bit.png", rgb(1, 4))
+    save(Path(f"{base}_gtFine_labelTrainIds.png"), train_ids)
+    for name in ("gta", "cs"):
+        dataset = build_dataset("gta" if name == "gta" else "cityscapes", tmp_path / name, "train", train=False)
+        assert (dataset.read(0)[1] == train_ids).all()
+
+
+def test_synthia_16bit_labels_use_the_first_channel(tmp_path):
+    """Synthia: 16-bit RGB PNGs keep the class in the first channel; values past 255 are ignored."""
+    classes = np.tile(np.arange(23, dtype=np.uint16), (3, 1))
+    classes[2, 0] = 300  # not a Synthia class, and past the 8-bit table
+    labels = np.stack([classes, np.full_like(classes, 517), np.zeros_like(classes)], axis=-1)  # instance ids in G
+    save(tmp_path / "RGB" / "0000000.png", rgb(3, 23))
+    save_png16(tmp_path / "GT" / "LABELS" / "0000000.png", labels)
+    dataset = build_dataset("synthia", tmp_path, "train", train=False)
+    with pytest.warns(UserWarning, match="> 255"):
+        label = dataset.read(0)[1]
+    assert (label == expected(SYNTHIA_IDS, classes)).all() and label[2, 0] == 255
+    assert dataset.unknown_pixels == 1
+
+
+def test_cityscapes_city_folders_and_test_split(tmp_path):
+    """Cityscapes: city folders per split pair by name; test has images only and cannot train."""
+    raw = all_values(34)
+    for split, cities in (("train", ("aachen", "bonn")), ("val", ("lindau",)), ("test", ("berlin",))):
+        for city in cities:
+            stem = f"{city}_000001_000019"
+            save(tmp_path / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", rgb(2, 34))
+            if split != "test":
+                save(tmp_path / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", raw)
+    train = build_dataset("cityscapes", tmp_path, "train", train=False)
+    assert len(train) == 2 and len(build_dataset("cityscapes", tmp_path, "val", train=False)) == 1
+    assert (train.read(1)[1] == expected(CITYSCAPES_IDS, raw)).all()
+    assert train[1]["name"] == "bonn_000001_000019_leftImg8bit"
+    test = build_dataset("cityscapes", tmp_path, "test", train=False)
+    assert not test.has_labels and (test.read(0)[1] == 255).all()
+    with pytest.raises(ValueError, match="no labels"):
+        build_dataset("cityscapes", tmp_path, "test", train=True)
+
+
+def test_bdd_jpg_images_and_train_id_masks(tmp_path):
+    """BDD100K: jpg images with png masks that already hold train ids (255 stays ignore)."""
+    mask = np.array([list(range(19)) + [255]], dtype=np.uint8)
+    save(tmp_path / "images" / "10k" / "val" / "7d06fefd-f7be05a6.jpg", rgb(1, 20))
+    save(tmp_path / "labels" / "sem_seg" / "masks" / "val" / "7d06fefd-f7be05a6.png", mask)
+    dataset = build_dataset("bdd", tmp_path, "val", train=False)
+    assert (dataset.read(0)[1] == mask).all() and dataset.unknown_pixels == 0
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mapillary_config_v1.2.json").is_file(),
+                    reason="shared/data/mapillary_config_v1.2.json is not present")
+def test_mapillary_config_maps_names_to_train_ids(tmp_path):
+    """Mapillary: the table comes from config_v1.2.json by the name rule, in v1.2 and older layouts."""
+    raw = all_values(66)
+    for root, labels in ((tmp_path / "v12", "training/v1.2/labels"), (tmp_path / "old", "training/labels")):
+        save(root / "training" / "images" / "abc.jpg", rgb(2, 66))
+        shutil.copy(SHARED_DATA / "mapillary_config_v1.2.json", root / "config_v1.2.json")
+        save(root / labels / "abc.png", raw, palette=True)
+        dataset = build_dataset("mapillary", root, "train", train=False)
+        assert (dataset.read(0)[1] == expected(MAPILLARY_IDS, raw)).all()
+        assert (label_lut("mapillary", root) == expected(MAPILLARY_IDS, np.arange(256))).all()
+
+
+def test_acdc_conditions_and_subsets(tmp_path):
+    """ACDC: each condition reads alone, `acdc` reads all four, labelIds win over shipped trainIds."""
+    raw = all_values(34)
+    for i, condition in enumerate(("fog", "night", "rain", "snow")):
+        stem = f"GOPR03{i}_frame_000001"
+        save(tmp_path / "rgb_anon" / condition / "val" / f"GOPR03{i}" / f"{stem}_rgb_anon.png", rgb(2, 34, i))
+        save(tmp_path / "gt" / condition / "val" / f"GOPR03{i}" / f"{stem}_gt_labelIds.png", raw)
+        save(tmp_path / "gt" / condition / "val" / f"GOPR03{i}" / f"{stem}_gt_labelTrainIds.png", raw * 0 + 7)
+        save(tmp_path / "rgb_anon" / condition / "test" / f"GOPR03{i}" / f"{stem}_rgb_anon.png", rgb(2, 34, i))
+    night = build_dataset("acdc:night", tmp_path, "val", train=False)
+    assert len(night) == 1 and night.name == "acdc:night" and night[0]["name"] == "GOPR031_frame_000001_rgb_anon"
+    everything = build_dataset("acdc", tmp_path, "val", train=False)
+    assert len(everything) == 4
+    assert all((everything.read(i)[1] == expected(CITYSCAPES_IDS, raw)).all() for i in range(4))
+    assert not build_dataset("acdc", tmp_path, "test", train=False).has_labels
+
+
+def test_unknown_label_values_become_ignore_counted_and_warned_once(tmp_path):
+    """A raw value the dataset does not define (200) maps to 255, is counted, and warns once per dataset."""
+    raw = np.array([[7, 200, 200, 33, 0]], dtype=np.uint8)  # 0 is a real Cityscapes id that maps to 255
+    save(tmp_path / "images" / "a.png", rgb(1, 5))
+    save(tmp_path / "labels" / "a.png", raw, palette=True)
+    dataset = build_dataset("gta", tmp_path, "train", train=False)
+    with pytest.warns(UserWarning, match=r"\[200\]") as record:
+        label = dataset.read(0)[1]
+        dataset.read(0)
+    assert len(record) == 1 and dataset.unknown_pixels == 4
+    assert label.tolist() == [[0, 255, 255, 18, 255]]
+
+
+def test_folder_dataset_classes_splits_and_binary(tmp_path):
+    """folder: K from the largest label (any image format, nested), or classes.txt; split folders."""
+    flat = tmp_path / "flat"
+    save(flat / "images" / "a.jpg", rgb(4, 6))
+    save(flat / "images" / "sub" / "b.png", rgb(4, 6, 1))
+    save(flat / "labels" / "a.png", np.array([[0, 1, 255, 0, 0, 1]] * 4, dtype=np.uint8))
+    save(flat / "labels" / "sub" / "b.png", np.zeros((4, 6), dtype=np.uint8))
+    binary = build_dataset("folder", flat, "val", train=False)
+    assert binary.num_classes == 2 and binary.classes == ("class_0", "class_1") and len(binary) == 2
+    assert binary.palette.shape == (2, 3) and len(np.unique(binary.palette, axis=0)) == 2
+    assert binary.read(0)[1][0].tolist() == [0, 1, 255, 0, 0, 1]
+
+    split = tmp_path / "split"
+    (split / "classes.txt").parent.mkdir()
+    (split / "classes.txt").write_text("background\ncrack\n\nrust\n")
+    for name in ("train", "val"):
+        save(split / "images" / name / "x.png", rgb(4, 6))
+        save(split / "labels" / name / "x.png", np.full((4, 6), 4 if name == "val" else 2, dtype=np.uint8))
+    train = build_dataset("folder", split, "train", train=False)
+    assert train.classes == ("background", "crack", "rust") and (train.read(0)[1] == 2).all()
+    val = build_dataset("folder", split, "val", train=False)
+    with pytest.warns(UserWarning, match=r"\[4\]"):
+        assert (val.read(0)[1] == 255).all()
+    with pytest.raises(FileNotFoundError, match="images/test"):
+        build_dataset("folder", split, "test", train=False)
+
+
+def test_combined_sources(tmp_path):
+    """gta+synthia joins sources with one root each; differing class lists cannot be joined."""
+    save(tmp_path / "gta" / "images" / "1.png", rgb(2, 34))
+    save(tmp_path / "gta" / "labels" / "1.png", all_values(34), palette=True)
+    save(tmp_path / "syn" / "RGB" / "1.png", rgb(3, 23))
+    synthia_ids = np.tile(np.arange(23, dtype=np.uint16), (3, 1))
+    save_png16(tmp_path / "syn" / "GT" / "LABELS" / "1.png", np.stack([synthia_ids] * 3, axis=-1))
+    joined = build_dataset("gta+synthia", f"{tmp_path / 'gta'}+{tmp_path / 'syn'}", "train", train=False)
+    assert len(joined) == 2 and joined.num_classes == 19 and joined.name == "gta+synthia"
+    assert joined.read(1)[1].shape == (3, 23) and joined[0]["label"].shape == (2, 34)
+    save(tmp_path / "bin" / "images" / "1.png", rgb(2, 2))
+    save(tmp_path / "bin" / "labels" / "1.png", np.eye(2, dtype=np.uint8))
+    with pytest.raises(ValueError, match="class lists differ"):
+        build_dataset("gta+folder", f"{tmp_path / 'gta'}+{tmp_path / 'bin'}", "train", train=False)
+    with pytest.raises(ValueError, match="2 folders joined by"):
+        build_dataset("gta+synthia", tmp_path, "train", train=False)
+
+
+def test_bad_input_gives_clear_errors(tmp_path):
+    """Missing roots, wrong layouts, unlabelled or corrupt images, empty sets and unknown names fail clearly."""
+    with pytest.raises(FileNotFoundError, match="nowhere is not an existing folder; expected images and labels"):
+        build_dataset("gta", tmp_path / "nowhere", "train", train=True)
+    (tmp_path / "cs" / "images").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="expected leftImg8bit/train and gtFine/train under"):
+        build_dataset("cityscapes", tmp_path / "cs", "train", train=True)
+    (tmp_path / "gta" / "images").mkdir(parents=True)
+    (tmp_path / "gta" / "labels").mkdir()
+    with pytest.raises(ValueError, match="no images found"):
+        build_dataset("gta", tmp_path / "gta", "train", train=True)
+    for name in ("00001", "00002", "00003"):
+        save(tmp_path / "gta" / "images" / f"{name}.png", rgb(40, 40))
+    save(tmp_path / "gta" / "labels" / "00001.png", np.zeros((40, 40), np.uint8), palette=True)
+    save(tmp_path / "gta" / "labels" / "00003.png", np.zeros((40, 40), np.uint8), palette=True)
+    with pytest.raises(FileNotFoundError, match="00002.png"):
+        build_dataset("gta", tmp_path / "gta", "train", train=True)
+    save(tmp_path / "gta" / "labels" / "00002.png", np.zeros((40, 40), np.uint8), palette=True)
+    broken = tmp_path / "gta" / "images" / "00003.png"
+    broken.write_bytes(broken.read_bytes()[:200])
+    dataset = build_dataset("gta", tmp_path / "gta", "train", train=False)
+    with pytest.raises(ValueError, match="00003.png"):
+        dataset.read(2)
+    with pytest.raises(ValueError, match="cityscapes.*synthetic"):
+        build_dataset("kitti", None, "train", train=True)
+    with pytest.raises(ValueError, match="fog, night, rain, snow"):
+        build_dataset("acdc:dusk", None, "val", train=False)
+
+
+def test_parse_data_reads_the_command_line_form():
+    """parse_data splits NAME[=ROOT] entries, keeps + and :subset, and rejects unknown names."""
+    assert parse_data("gta+synthia, cityscapes=/d/cs,acdc:night,folder=my/data") == [
+        ("gta+synthia", None), ("cityscapes", "/d/cs"), ("acdc:night", None), ("folder", "my/data")]
+    with pytest.raises(ValueError, match="gta, synthia, cityscapes"):
+        parse_data("gta,kitti")
+    with pytest.raises(ValueError, match="folder=PATH"):
+        parse_data("folder")
+    with pytest.raises(ValueError, match="no folder"):
+        parse_data("gta=")
+
+
+def test_crop_respects_the_category_ratio_rule():
+    """choose_crop re-draws until no class covers 75% of a crop, and still returns one when none can."""
+    label = np.zeros((512, 1024), dtype=np.uint8)
+    label[:, :512] = np.where(np.arange(512)[:, None] % 64 < 32, 1, 2)  # mixed left half, class 0 right
+    for seed in range(100):
+        top, left = choose_crop(label, 512, np.random.default_rng(seed))
+        counts = np.bincount(label[top:top + 512, left:left + 512].ravel())
+        assert top == 0 and np.count_nonzero(counts) > 1 and counts.max() < 0.75 * counts.sum()
+    top, left = choose_crop(np.zeros((600, 700), np.uint8), 512, np.random.default_rng(0))
+    assert 0 <= top <= 88 and 0 <= left <= 188
+
+
+def test_geometric_augmentation_keeps_image_and_label_aligned():
+    """After random resize, crop and flip, every interior pixel still has its label's colour."""
+    label = block_label(640, 1024, 48, seed=0)
+    image = Image.fromarray(CITYSCAPES_PALETTE[label])
+    for seed in range(6):
+        crop, crop_label = random_resize_crop_flip(image, label, np.random.default_rng(seed), 512)
+        assert crop.shape[:2] == crop_label.shape and max(crop_label.shape) <= 512
+        inside = interior(crop_label)
+        assert inside.mean() > 0.5
+        assert np.abs(crop[inside].astype(int) - CITYSCAPES_PALETTE[crop_label[inside]]).max() <= 1
+
+
+def test_train_samples_stay_aligned_through_photometric_distortion(tmp_path):
+    """Full train samples: one input colour per class gives one output colour per class after distortion."""
+    label = block_label(560, 700, 40, seed=1)
+    save(tmp_path / "images" / "x.png", CITYSCAPES_PALETTE[label])
+    save(tmp_path / "labels" / "x.png", label)
+    dataset = build_dataset("folder", tmp_path, "train", train=True)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        image, target = dataset[0]
+        assert image.shape == (3, 512, 512) and image.dtype == torch.float32 and target.dtype == torch.int64
+        pixels = (image.numpy() * np.float32(STD)[:, None, None] + np.float32(MEAN)[:, None, None]).transpose(1, 2, 0)
+        target = target.numpy().astype(np.uint8)
+        inside = interior(target) & (target != 255)
+        assert inside.sum() > 10000
+        for cls in np.unique(target[inside]):
+            colours = pixels[inside & (target == cls)]
+            assert np.ptp(colours, axis=0).max() < 0.05
+
+
+def test_train_crops_are_square_and_padding_is_ignore(tmp_path):
+    """Crops are always crop x crop; where the resized image is smaller, labels pad with 255 and images with 0."""
+    save(tmp_path / "images" / "wide.png", rgb(200, 800))
+    save(tmp_path / "labels" / "wide.png", np.random.default_rng(0).integers(0, 3, (200, 800), dtype=np.uint8))
+    dataset = build_dataset("folder", tmp_path, "train", train=True)
+    padded = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        image, label = dataset[0]
+        assert image.shape == (3, 512, 512) and label.shape == (512, 512)
+        rows = (label == 255).all(dim=1)
+        assert ((label == 255) == rows[:, None]).all()  # padding fills whole rows at the bottom
+        assert (image[:, rows] == 0).all() and (label[~rows] < 3).all()
+        padded += bool(rows.any())
+    assert padded > 0
+
+
+def test_eval_samples_resize_to_the_test_scale(tmp_path):
+    """Eval samples: image fitted to the test scale keeping aspect, label and name at full resolution."""
+    for city, width in (("a", 200), ("b", 300)):
+        stem = f"{city}_000000_000019"
+        save(tmp_path / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png", rgb(100, width))
+        save(tmp_path / "gtFine" / "val" / city / f"{stem}_gtFine_labelIds.png", np.full((100, width), 7, np.uint8))
+    dataset = build_dataset("cityscapes", tmp_path, "val", train=False)
+    first, second = dataset[0], dataset[1]
+    assert first["image"].shape == (3, 512, 1024) and second["image"].shape == (3, 341, 1024)
+    assert first["label"].shape == (100, 200) and first["label"].dtype == torch.int64 and (first["label"] == 0).all()
+    assert first["name"] == "a_000000_000019_leftImg8bit" and second["index"] == 1
+    assert torch.equal(to_test_tensor(dataset.read(1)[0], (1024, 512)), second["image"])
+
+
+def test_synthetic_is_deterministic_and_domains_change_only_appearance():
+    """Synthetic: same (seed, split, index) -> same sample; domains share layouts; splits differ."""
+    def make(domain, split="train", seed=0):
+        return build_dataset(f"synthetic:{domain}", None, split, train=False, image_size=(96, 64), length=3, seed=seed)
+
+    game = make("game")
+    image, label = game.read(1)
+    assert image.shape == (64, 96, 3) and label.shape == (64, 96) and label.dtype == np.uint8
+    assert all((a == b).all() for a, b in zip(make("game").read(1), (image, label)))
+    for domain in SYNTHETIC_DOMAINS[1:]:
+        other_image, other_label = make(domain).read(1)
+        assert (other_label == label).all() and np.abs(other_image.astype(int) - image).mean() > 10
+    assert (make("game", "val").read(1)[1] != label).any() and (make("game", seed=1).read(1)[1] != label).any()
+    assert game[2]["name"] == "game_000002"
+    with pytest.raises(IndexError):
+        game.read(3)
+
+
+def test_synthetic_scenes_cover_most_classes_and_train_at_any_size():
+    """Synthetic scenes draw most of the 19 classes; every domain gives train crops at free sizes."""
+    scenes = build_dataset("synthetic:photo", None, "val", train=False, image_size=(256, 128), length=12)
+    seen = set(np.concatenate([np.unique(scenes.read(i)[1]) for i in range(12)]).tolist())
+    assert len(seen) >= 14 and {0, 1, 2, 5, 8, 10, 11, 13} <= seen and 255 not in seen
+    everything = build_dataset("synthetic", None, "train", train=True, crop_size=64, image_size=(128, 80), length=2)
+    assert len(everything) == 2 * len(SYNTHETIC_DOMAINS) and everything.name == "synthetic"
+    for index in range(len(everything)):
+        image, label = everything[index]
+        assert image.shape == (3, 64, 64) and label.shape == (64, 64)
+        assert ((label < 19) | (label == 255)).all() and (label < 19).any()
+
+
+def test_datasets_pickle_for_worker_processes(tmp_path):
+    """Datasets survive pickling, as DataLoader workers started by spawn need."""
+    save(tmp_path / "images" / "1.png", rgb(2, 34))
+    save(tmp_path / "labels" / "1.png", all_values(34), palette=True)
+    for dataset in (build_dataset("gta", tmp_path, "train", train=False),
+                    build_dataset("synthetic", None, "val", train=False, image_size=(32, 24), length=2)):
+        copy = pickle.loads(pickle.dumps(dataset))
+        assert all((a == b).all() for a, b in zip(copy.read(1 % len(copy)), dataset.read(1 % len(dataset))))
+
+
+def test_hsv_conversions_match_colorsys():
+    """rgb_to_hsv and hsv_to_rgb agree with the standard library and invert each other."""
+    colours = np.random.default_rng(0).integers(0, 256, (200, 3)).astype(np.float32)
+    colours[:3] = [(0, 0, 0), (255, 255, 255), (90, 90, 90)]  # greys have no hue
+    hsv = rgb_to_hsv(colours.T).T
+    reference = np.array([colorsys.rgb_to_hsv(*(c / 255)) for c in colours])
+    assert np.allclose(hsv[:, 1:], reference[:, 1:] * [1, 255], atol=1e-3)
+    assert np.allclose(np.cos(2 * np.pi * hsv[:, 0]), np.cos(2 * np.pi * reference[:, 0]), atol=1e-3)
+    assert np.allclose(hsv_to_rgb(hsv.T).T, colours, atol=1e-2)
+
+
+def test_palettes_and_colorize():
+    """19 classes use Cityscapes colours, other counts distinct colours; colorize paints 255 black."""
+    assert (palette_for(19) == CITYSCAPES_PALETTE).all() and len(CITYSCAPES_CLASSES) == 19
+    for count in (1, 2, 7, 100, 255):
+        palette = palette_for(count)
+        assert palette.shape == (count, 3) and palette.dtype == np.uint8 and len(np.unique(palette, axis=0)) == count
+    label = torch.tensor([[0, 13], [255, 18]])
+    assert colorize(label).tolist() == [[[128, 64, 128], [0, 0, 142]], [[0, 0, 0], [119, 11, 32]]]
+    assert colorize(np.array([[1, 2]]), palette_for(2))[0, 1].tolist() == [0, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# eval.py
+# ---------------------------------------------------------------------------------------------
+
+def write_checkpoint(path, *, method="rein", num_classes=19, seed=0, val="cityscapes"):
+    """A train.py-style checkpoint of a small random model: its config, trainable state and args."""
+    torch.manual_seed(seed)
+    model = small_model(method, num_classes=num_classes)
+    args = dict(data=val, val=val, window=64, stride=48)
+    torch.save(dict(config=model.config, model=model.trainable_state_dict(), args=args), path)
+    return model
+
+
+def cityscapes_folder(root, count=3, size=(96, 64)):
+    """A tiny Cityscapes val split in the distributed layout, labels in Cityscapes ids."""
+    ids = np.array(list(CITYSCAPES_IDS) + [0, 1, 4])  # evaluated ids and some that map to ignore
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        city = "lindau" if i % 2 else "munster"
+        stem = f"{city}_{i:06d}_000019"
+        save(root / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png", rgb(size[1], size[0], seed=i))
+        label = ids[rng.integers(0, len(ids), (size[1] // 8, size[0] // 8))].repeat(8, 0).repeat(8, 1)
+        save(root / "gtFine" / "val" / city / f"{stem}_gtFine_labelIds.png", label.astype(np.uint8))
+    return root
+
+
+def test_eval_iou_agrees_with_a_hand_computation():
+    """Per-class IoU, the absent-class rule, the ignore label and accuracy, on a known confusion."""
+    # 4 classes. Class 0: 3 right, 1 predicted as 1. Class 1: 2 right. Class 2 is never
+    # labelled but predicted twice. Class 3 appears nowhere. Three ignored pixels predict 3.
+    label = torch.tensor([0, 0, 0, 0, 1, 1, 255, 255, 255, 1, 1])
+    pred = torch.tensor([0, 0, 0, 1, 1, 1, 3, 3, 3, 2, 2])
+    conf = evaluation.confusion_matrix(pred, label, 4)
+    assert conf.dtype == torch.int64 and conf.sum() == 8
+    assert conf.tolist() == [[3, 1, 0, 0], [0, 2, 2, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    scores = evaluation.scores_from_confusion(conf)
+    # IoU = TP / (TP + FP + FN): class 0 3/4, class 1 2/(2+1+2), class 2 0/2, class 3 absent.
+    assert scores["iou"] == [pytest.approx(3 / 4), pytest.approx(2 / 5), 0.0, None]
+    assert scores["miou"] == pytest.approx((3 / 4 + 2 / 5 + 0) / 3)
+    assert scores["accuracy"] == pytest.approx(5 / 8)
+
+
+class ConstantModel(torch.nn.Module):
+    """Stands in for Segmenter.predict: a fixed score map per window, recording the windows it saw."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.num_classes, self.batches = num_classes, []
+        self.backbone = type("B", (), {"vit": type("V", (), {"patch_size": 4})})()
+
+    def predict(self, images):
+        self.batches.append(images.shape[0])
+        # Scores that depend on the pixel values, so that windows can be told apart.
+        weights = torch.arange(1.0, self.num_classes + 1)[:, None, None]  # (K, 1, 1)
+        return images[:, :1].expand(-1, self.num_classes, -1, -1) * weights
+
+
+def test_eval_sliding_windows_with_stride_equal_to_window_equal_whole_image_crops():
+    """Stride = window on an exact multiple: each window's scores are the whole-image pass on that crop."""
+    model = small_model().eval()
+    image = torch.randn(3, 128, 192)
+    slid = evaluation.slide_inference(model, image, window=64, stride=64, batch_size=4)
+    assert slid.shape == (5, 128, 192)
+    for y in (0, 64):
+        for x in (0, 64, 128):
+            crop = image[:, y:y + 64, x:x + 64]
+            assert torch.allclose(slid[:, y:y + 64, x:x + 64], evaluation.whole_inference(model, crop), atol=1e-5)
+
+
+@pytest.mark.parametrize("h, w", [(37, 53), (20, 71), (64, 64), (10, 10)])
+def test_eval_sliding_windows_cover_every_pixel_and_batch_the_windows(h, w):
+    """Odd sizes and images smaller than a window: every pixel is covered, overlaps are averaged."""
+    model = ConstantModel()
+    image = torch.rand(3, h, w) + 1
+    scores = evaluation.slide_inference(model, image, window=16, stride=11, batch_size=3)
+    assert scores.shape == (3, h, w)
+    # Every window reproduces the pixel value, so the average must too: no hole, no double count.
+    assert torch.allclose(scores[0], image[0]) and torch.allclose(scores[2], 3 * image[0])
+    n = len(evaluation.window_starts(max(h, 16), 16, 11)) * len(evaluation.window_starts(max(w, 16), 16, 11))
+    assert sum(model.batches) == n and max(model.batches) <= 3 and len(model.batches) == -(-n // 3)
+
+
+def test_eval_labelids_are_what_the_benchmark_server_reads(tmp_path, capsys):
+    """--format labelids: full-resolution PNGs that map back through the Cityscapes table to the prediction."""
+    root = cityscapes_folder(tmp_path / "cityscapes", count=2)
+    write_checkpoint(tmp_path / "last.pt")
+    out = tmp_path / "preds"
+    results = evaluation.main(evaluation.parse_args([
+        "--ckpt", str(tmp_path / "last.pt"), "--data", f"cityscapes={root}", "--save-dir", str(out),
+        "--format", "labelids", "--workers", "0", "--json", str(tmp_path / "r.json")]))
+    model, _ = evaluation.load_checkpoint(tmp_path / "last.pt")
+    dataset = build_dataset("cityscapes", root, "val", train=False)
+    lut = label_lut("cityscapes")
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        png = np.asarray(Image.open(out / "cityscapes" / f"{sample['name']}.png"))
+        assert png.shape == sample["label"].shape == (64, 96)
+        expected = evaluation.predict_labels(model, sample["image"], (64, 96), window=64, stride=48).numpy()
+        assert np.array_equal(lut[png], expected)
+    saved = json.loads((tmp_path / "r.json").read_text())["datasets"]["cityscapes"]
+    assert saved["images"] == 2 and saved["miou"] == pytest.approx(results["cityscapes"]["miou"])
+    assert np.array(saved["confusion"]).sum() == sum((s["label"] != 255).sum().item() for s in dataset)
+    assert "mIoU" in capsys.readouterr().out
+
+
+def test_eval_every_train_id_maps_to_a_raw_id_and_back(tmp_path):
+    """A labelids PNG holding all 19 classes reads back, through each dataset's table, as the prediction."""
+    pred = np.arange(19, dtype=np.uint8).repeat(3).reshape(3, 19)
+    for name in ("cityscapes", "gta", "bdd", "acdc"):
+        lut = label_lut(name)
+        evaluation.save_prediction(tmp_path / f"{name}.png", pred, "labelids", rgb=None, palette=None, label=None,
+                                   to_raw=evaluation.train_to_raw_ids(lut))
+        assert np.array_equal(lut[np.asarray(Image.open(tmp_path / f"{name}.png"))], pred)
+
+
+def test_eval_color_overlay_and_own_images(tmp_path):
+    """Colour PNGs: overlay beside the label; --image predicts a folder and skips a non-image with a warning."""
+    write_checkpoint(tmp_path / "last.pt")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(rgb(40, 60)).save(photos / "street.jpg")
+    Image.fromarray(rgb(30, 30, seed=2)).save(tmp_path / "single.png")
+    (photos / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="skipping .*notes.txt"):
+        evaluation.main(evaluation.parse_args(["--ckpt", str(tmp_path / "last.pt"), "--image", str(photos),
+                                               str(tmp_path / "single.png"), "--save-dir", str(tmp_path / "out")]))
+    assert Image.open(tmp_path / "out" / "street.png").size == (60, 40)
+    assert Image.open(tmp_path / "out" / "single.png").size == (30, 30)
+    assert not (tmp_path / "out" / "notes.png").exists()
+    label = np.array([[0, 1], [255, 2]], dtype=np.uint8)
+    picture = evaluation.overlay(np.zeros((2, 2, 3), np.uint8), label, CITYSCAPES_PALETTE, label)
+    assert picture.shape == (2, 4, 3)
+    assert np.array_equal(picture[:, 2:], colorize(label, CITYSCAPES_PALETTE))
+    assert np.array_equal(picture[0, 0], CITYSCAPES_PALETTE[0] // 2)
+
+
+def test_eval_distributed_counts_every_image_once(tmp_path):
+    """2 gloo processes on 5 images give the same confusion matrix as 1 process."""
+    root = tmp_path / "mine"
+    (root / "images").mkdir(parents=True)
+    (root / "classes.txt").write_text("\n".join(CITYSCAPES_CLASSES))
+    for i in range(5):
+        save(root / "images" / f"{i}.jpg", rgb(48, 80, seed=i))
+        save(root / "labels" / f"{i}.png", np.random.default_rng(i).integers(0, 19, (48, 80)).astype(np.uint8))
+    write_checkpoint(tmp_path / "last.pt")
+    confusions = []
+    for procs in (1, 2):
+        out = tmp_path / f"r{procs}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master-port",
+               str(29600 + procs), "eval.py", "--ckpt", str(tmp_path / "last.pt"), "--data", f"folder={root}",
+               "--workers", "0", "--json", str(out)]
+        subprocess.run(cmd, check=True, cwd=Path(__file__).parent, capture_output=True, timeout=120,
+                       env=os.environ | {"OMP_NUM_THREADS": "1"})
+        saved = json.loads(out.read_text())["datasets"][str(root)]
+        assert saved["images"] == 5
+        confusions.append(saved["confusion"])
+    assert confusions[0] == confusions[1] and np.array(confusions[0]).sum() > 0
+
+
+def test_eval_errors_are_clear(tmp_path):
+    """Missing, truncated or foreign checkpoints; unknown datasets; wrong layouts; unwritable --save-dir."""
+    ckpt = tmp_path / "last.pt"
+    with pytest.raises(FileNotFoundError, match="missing.pt not found: expected a train.py checkpoint"):
+        evaluation.load_checkpoint(tmp_path / "missing.pt")
+    write_checkpoint(ckpt)
+    (tmp_path / "cut.pt").write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cut.pt cannot be read as a train.py checkpoint"):
+        evaluation.load_checkpoint(tmp_path / "cut.pt")
+    torch.save(vit.build_vit("vits14").state_dict(), tmp_path / "dinov2.pth")
+    with pytest.raises(ValueError, match="not a train.py checkpoint.*found \\['blocks"):
+        evaluation.load_checkpoint(tmp_path / "dinov2.pth")
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["num_queries"] = 9
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt was trained with another model"):
+        evaluation.load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="unknown dataset 'kitti'"):
+        evaluation.main(evaluation.parse_args(["--ckpt", str(ckpt), "--data", "kitti"]))
+    with pytest.raises(FileNotFoundError, match="leftImg8bit/val"):
+        evaluation.main(evaluation.parse_args(["--ckpt", str(ckpt), "--data", f"cityscapes={tmp_path}"]))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PermissionError, match="--save-dir .*file/preds is not writable"):
+        evaluation.main(evaluation.parse_args(["--ckpt", str(ckpt), "--image", str(tmp_path),
+                                               "--save-dir", str(tmp_path / "file" / "preds")]))
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py
+# ---------------------------------------------------------------------------------------------
+
+TINY_RUN = ["--data", "synthetic:game", "--val", "synthetic:photo", "--crop-size", "32", "--batch-size", "2",
+            "--num-queries", "4", "--head-dim", "32", "--num-points", "64", "--log-every", "1", "--workers", "0",
+            "--window", "64", "--stride", "48"]
+
+
+def logged_losses(run):
+    return {r["iter"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def test_train_resume_after_sigterm_is_exact(tmp_path):
+    """SIGTERM mid-run writes last.pt; resuming gives the parameters and losses of an uninterrupted run."""
+    straight = tmp_path / "straight"
+    train.main(train.parse_args(TINY_RUN + ["--iters", "12", "--out", str(straight)]))
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY_RUN, "--iters", "12", "--out", str(interrupted)],
+                            cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = interrupted / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    stopped = torch.load(interrupted / "last.pt", weights_only=True)["iteration"]
+    assert 3 <= stopped < 12 and f"stopped by signal {int(signal.SIGTERM)} at iteration {stopped}" in output
+    train.main(train.parse_args(TINY_RUN + ["--iters", "12", "--out", str(interrupted)]))
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(interrupted / "last.pt", weights_only=True)
+    assert a["iteration"] == b["iteration"] == 12 and a["model"].keys() == b["model"].keys()
+    assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-6) for k in a["model"])
+    assert logged_losses(straight) == pytest.approx(logged_losses(interrupted), rel=1e-5)
+    assert len(logged_losses(interrupted)) == 12
+    model, _ = evaluation.load_checkpoint(straight / "last.pt")  # what eval.py reads from a run
+    assert all(torch.equal(model.trainable_state_dict()[k], v) for k, v in a["model"].items())
+
+
+def fake_rand(*size, **kwargs):
+    """Deterministic stand-in for torch.rand: the same 'random' points for an image on any rank."""
+    size = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
+    n = math.prod(size)
+    values = torch.arange(n, dtype=torch.float64).mul(0.6180339887).remainder(1.0)
+    return values.to(kwargs.get("dtype") or torch.float32).reshape(size).to(kwargs.get("device", "cpu"))
+
+
+def ddp_steps(rank, world_size, method, port, out):
+    """One process of the DDP test: two steps on its share of a fixed batch of 4; saves grads and params."""
+    if world_size > 1:
+        os.environ |= dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+        dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    torch.rand = fake_rand  # the loss samples points at random; make them the same in both set-ups
+    torch.manual_seed(0)
+    model = small_model(method)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 3, 64, 64, generator=generator)
+    labels = torch.randint(0, 5, (4, 64, 64), generator=generator)
+    labels[1, :32] = 255  # images with different numbers of classes weigh differently
+    labels[3] = 2
+    share = slice(rank * 4 // world_size, (rank + 1) * 4 // world_size)
+    record = {}
+    for step in range(2):  # a second step is where DDP would complain about unused parameters
+        train.train_step(ddp, optimizer, images[share], labels[share], torch.autocast("cpu", enabled=False))
+        record[f"grads{step}"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        optimizer.step()
+        record[f"params{step}"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.save(record, f"{out}_{rank}.pt")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", rein.METHODS)
+def test_train_ddp_on_two_processes_equals_one_process(tmp_path, method):
+    """2 gloo processes with 2 crops each: the same gradients and parameters as 1 process with 4; no DDP error."""
+    torch.multiprocessing.spawn(ddp_steps, args=(2, method, 29700 + rein.METHODS.index(method), tmp_path / "two"),
+                                nprocs=2)
+    torch.multiprocessing.spawn(ddp_steps, args=(1, method, 0, tmp_path / "one"), nprocs=1)
+    one, two = torch.load(tmp_path / "one_0.pt"), torch.load(tmp_path / "two_0.pt")
+    other_rank = torch.load(tmp_path / "two_1.pt")
+    for key in ("grads0", "params0", "grads1", "params1"):
+        # Float noise only: 1e-4 of the largest gradient (some gradients are zero in theory,
+        # such as those of attention key biases, and hold only noise); SGD turns the same
+        # bound on the gradients into one on the parameters.
+        scale = max(v.abs().max() for v in one["grads" + key[-1]].values())
+        tolerance = 1e-4 * scale * (1 if key.startswith("grads") else 0.1)  # SGD's lr is 0.1
+        for name, value in one[key].items():
+            assert (two[key][name] - value).abs().max() <= tolerance, (key, name)
+            assert torch.equal(two[key][name], other_rank[key][name]), (key, name)
+
+
+def test_train_sampler_splits_the_global_batch_across_ranks():
+    """Ranks' shares of each step are the single process's batch, with the same augmentation seeds."""
+    dataset = list(range(23))
+    single = list(train.TrainSampler(dataset, seed=3, rank=0, world_size=1))
+    ranks = [list(train.TrainSampler(dataset, seed=3, rank=r, world_size=2)) for r in range(2)]
+    for step in range(5):  # global batch 4 = 2 per rank
+        assert sorted(single[4 * step:4 * step + 4]) == sorted(ranks[0][2 * step:2 * step + 2]
+                                                               + ranks[1][2 * step:2 * step + 2])
+    sampler = train.TrainSampler(dataset, seed=3, rank=0, world_size=1)
+    sampler.start = 8
+    assert list(sampler) == single[8:]
+    sampler.set_epoch(1)
+    assert [i for i, _ in sampler] != [i for i, _ in single[8:]]
+
+
+def test_train_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A NaN loss at iteration 3 stops before the update; last.pt still holds iteration 2."""
+    forward, calls = rein.Segmenter.forward, []
+
+    def poisoned(self, images, labels):
+        calls.append(1)
+        losses = forward(self, images, labels)
+        return losses | {"loss": losses["loss"] * float("nan")} if len(calls) == 3 else losses
+
+    monkeypatch.setattr(rein.Segmenter, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="the loss is nan at iteration 3"):
+        train.main(train.parse_args(TINY_RUN + ["--iters", "5", "--save-every", "1", "--out", str(tmp_path)]))
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["iteration"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_train_bad_input_fails_before_training(tmp_path):
+    """Unwritable output, a missing dataset, weights for another backbone, a batch that does not divide."""
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PermissionError, match="--out .*file/run is not writable"):
+        train.main(train.parse_args(TINY_RUN + ["--out", str(tmp_path / "file" / "run")]))
+    with pytest.raises(FileNotFoundError, match="leftImg8bit/train"):
+        train.main(train.parse_args(TINY_RUN + ["--data", f"cityscapes={tmp_path}", "--out", str(tmp_path / "r")]))
+    torch.save(vit.build_vit("vits14").state_dict(), tmp_path / "small.pth")
+    with pytest.raises(ValueError, match="this is vits14, not vitb14"):
+        train.main(train.parse_args(TINY_RUN + ["--backbone", "vitb14", "--weights", str(tmp_path / "small.pth"),
+                                                "--out", str(tmp_path / "r")]))
+    assert not (tmp_path / "r" / "last.pt").exists()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
+                           "29710", "train.py", *TINY_RUN, "--batch-size", "3", "--out", str(tmp_path / "r")],
+                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--batch-size 3 is the global batch and must divide among 2" in proc.stderr
+
+
+def test_train_bench_reports_time_and_memory(capsys):
+    """--bench times steps on random inputs and reports ms/step, images/s and peak memory."""
+    train.main(train.parse_args(TINY_RUN + ["--bench", "2"]))
+    out = capsys.readouterr().out
+    assert re.search(r"bench: rein vits14 patch 16, 32x32, batch 2, cpu, fp32: [\d.]+ ms/step, [\d.]+ images/s, "
+                     r"peak [\d.]+ GiB process peak RSS", out)

@@ -1,0 +1,454 @@
+"""Train Rein (or the frozen / fully fine-tuned baselines) for domain-generalised segmentation.
+
+The built-in demo, on any machine and with no download: a small random ViT on synthetic
+street scenes, trained on the flat "game" domain and evaluated on all five domains
+(a few minutes on 2 CPU cores):
+
+    python train.py
+
+The paper's run, GTAV -> Cityscapes, BDD100K, Mapillary, with DINOv2-L on one GPU:
+
+    python train.py --data gta --val cityscapes,bdd,mapillary --backbone vitl14 --weights vitl14
+
+On 8 GPUs of one machine, and on 2 machines of 8 (the same command on each, with its rank):
+
+    torchrun --nproc_per_node 8 train.py --data gta --val cityscapes,bdd,mapillary
+    torchrun --nnodes 2 --node-rank 0 --nproc_per_node 8 --master-addr HOST --master-port 29500 \\
+        train.py --data gta --val cityscapes,bdd,mapillary
+
+Any dataset other than `synthetic` gets the paper's recipe by default (`--preset paper`):
+DINOv2-L with patch 16, 512 x 512 crops, batch 4, AdamW at 1e-4, poly decay over 40,000
+iterations. The batch size is global: `--batch-size 4` means 4 crops per step whatever the
+number of GPUs. `--bench 20` times 20 training steps on random inputs instead.
+
+The run folder (`--out`, default runs/DATA) receives args.json, log.jsonl, last.pt and
+validation pictures. If it already holds last.pt, the run resumes from it exactly (model,
+optimiser, schedule, iteration, sampler position and every random state); so does
+`--resume PATH`. SIGTERM or Ctrl-C writes last.pt before exiting.
+"""
+
+import argparse
+import json
+import os
+import random
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import data
+import eval as evaluation
+import rein
+import vit
+
+PRESETS = {
+    # FACTS.md section 4: the recipe behind the paper's GTAV -> Cityscapes, BDD100K, Mapillary table.
+    "paper": dict(backbone="vitl14", weights="vitl14", patch_size=16, crop_size=512, batch_size=4, iters=40_000,
+                  lr=1e-4, num_queries=100, head_dim=256, head_layers=9, num_points=12544, eval_every=4000,
+                  save_every=1000, window=512, stride=341, workers=4),
+    # A few minutes on 2 CPU cores: a random ViT-S, a narrow head, small synthetic scenes.
+    "demo": dict(backbone="vits14", weights=None, patch_size=16, crop_size=128, batch_size=8, iters=250,
+                 lr=1e-3, num_queries=20, head_dim=64, head_layers=3, num_points=784, eval_every=250,
+                 save_every=100, window=128, stride=96, workers=2),
+}
+# Validation sets tried when --val is not given; those not found under data/ are skipped.
+DEFAULT_VAL = {"cityscapes": "cityscapes,acdc,bdd,mapillary", "gta": "cityscapes,bdd,mapillary",
+               "synthia": "cityscapes,bdd,mapillary",
+               "synthetic": ",".join(f"synthetic:{d}" for d in data.SYNTHETIC_DOMAINS)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train Rein for domain-generalised semantic segmentation.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="synthetic:game",
+                   help="training data, NAME[=ROOT]; sources joined by +, e.g. gta+synthia (see data.py)")
+    p.add_argument("--val", help="validation datasets, NAME[=ROOT],...; default: the usual targets found under data/")
+    p.add_argument("--preset", choices=PRESETS, help="defaults for every option left out: paper, or demo "
+                                                      "(the default for synthetic data)")
+    p.add_argument("--method", default="rein", choices=rein.METHODS,
+                   help="rein: Rein and the head train; freeze: the head only; full: everything")
+    p.add_argument("--backbone", help="vits14, vitb14, vitl14 or vitg14, optionally with _reg4")
+    p.add_argument("--weights", help="DINOv2 weights: a path, a URL, or a name such as vitl14 (downloaded once)")
+    p.add_argument("--no-weights", action="store_true", help="a random backbone")
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--crop-size", type=int)
+    p.add_argument("--batch-size", type=int, help="global: crops per step over all processes")
+    p.add_argument("--iters", type=int, help="training iterations (the poly schedule's length)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--num-queries", type=int)
+    p.add_argument("--head-dim", type=int)
+    p.add_argument("--head-layers", type=int)
+    p.add_argument("--num-points", type=int, help="points per mask in the loss")
+    p.add_argument("--eval-every", type=int, help="validate every N iterations, and at the end")
+    p.add_argument("--save-every", type=int, help="write last.pt every N iterations, and at the end")
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--window", type=int, help="validation sliding window")
+    p.add_argument("--stride", type=int, help="validation sliding window stride")
+    p.add_argument("--workers", type=int, help="data loading processes per GPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="run folder; default runs/DATA")
+    p.add_argument("--resume", type=Path, help="checkpoint to resume; default OUT/last.pt if it exists")
+    p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone and the head")
+    p.add_argument("--grad-ckpt", action="store_true", help="recompute the frozen blocks in backward: less memory")
+    p.add_argument("--bench", type=int, metavar="N", help="time N training steps on random inputs, then exit")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset or ("demo" if args.data.startswith("synthetic") else "paper")]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.no_weights:
+        args.weights = None
+    if args.out is None:
+        args.out = Path("runs") / args.data.split("=")[0].replace(":", "_").replace("+", "_")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: a resumable sampler whose augmentations do not depend on the number of GPUs
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (one shuffling seed on every rank, drop_last) that can start mid-epoch.
+
+    It yields (index, augmentation seed). The seed is the sample's place in the epoch's
+    global order, so every sample of every rank is augmented differently, a resumed run
+    draws exactly what the uninterrupted run drew, and 2 GPUs with 2 crops each see the
+    crops that 1 GPU with 4 sees.
+    """
+
+    def __init__(self, dataset, *, seed: int, rank: int, world_size: int):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())  # this rank's share: global order[rank::world]
+        for pos in range(self.start, len(indices)):
+            yield indices[pos], (self.seed, self.epoch, pos * self.num_replicas + self.rank)
+
+
+class Augmented(torch.utils.data.Dataset):
+    """A training set indexed by (index, seed): the seed alone drives the random augmentation."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, tuple[int, ...]]):
+        index, seed = item
+        return self.dataset.augment(index, np.random.default_rng(seed))
+
+
+def batches(loader, sampler: TrainSampler, *, epoch: int, position: int):
+    """Endless (epoch, batches done in the epoch, batch), calling set_epoch at every pass."""
+    while True:
+        sampler.set_epoch(epoch)
+        sampler.start = position * loader.batch_size
+        for batch in loader:
+            position += 1
+            yield epoch, position, batch
+        epoch, position = epoch + 1, 0
+
+
+def validation_sets(args: argparse.Namespace, rank: int) -> list:
+    """The --val datasets; without --val, those of the usual targets that exist under data/."""
+    source = data.parse_data(args.data)[0][0].split("+")[0].split(":")[0]
+    found = []
+    for name, root in data.parse_data(args.val or DEFAULT_VAL.get(source, source)):
+        try:
+            found.append(data.build_dataset(name, root, "val", train=False,
+                                            **evaluation.dataset_kwargs(name, "val", vars(args))))
+        except FileNotFoundError as e:
+            if args.val:
+                raise
+            if rank == 0:
+                print(f"validation: skipping {name}: {e}")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimiser, one training step
+# ---------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: rein.Segmenter, args: argparse.Namespace, device: torch.device):
+    """AdamW over the trainable parameters (FACTS.md section 4) and the poly schedule, stepped per iteration."""
+    optimizer = torch.optim.AdamW(model.param_groups(lr=args.lr, weight_decay=args.weight_decay),
+                                  betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - it / args.iters) ** 0.9)
+    return optimizer, schedule
+
+
+def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, autocast) -> dict[str, torch.Tensor]:
+    """Forward and backward; `model` may be the DDP wrapper, which averages the gradients."""
+    with autocast:
+        losses = model(images, labels)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """Every random state of this process, as tensors and numbers (so weights_only can load it)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = dict(torch=torch.get_rng_state(), numpy=(kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       gauss), python=random.getstate())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_atomically(obj: dict, path: Path) -> None:
+    """A temporary file, then a rename: a crash never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_resume(path: Path, model: rein.Segmenter) -> dict:
+    ckpt = vit.load_file(path, what="a train.py checkpoint to resume")
+    if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
+        raise ValueError(f"cannot resume from {path}: it is not a train.py checkpoint")
+    if ckpt["config"] != model.config:
+        changed = {k: (ckpt["config"].get(k), v) for k, v in model.config.items() if ckpt["config"].get(k) != v}
+        raise ValueError(f"cannot resume from {path}: it was trained with other model arguments "
+                         f"(checkpoint, now): {changed}; use the same arguments or another --out")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+def validate(model, val_sets, args, device, iteration: int, rank: int) -> dict:
+    """Every validation set, with 4 coloured predictions per set saved under OUT/val/ITERATION."""
+    results = {}
+    for ds in val_sets:
+        out_dir = args.out / "val" / f"iter_{iteration:06d}" / ds.name.replace(":", "_")
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        results[ds.name] = evaluation.evaluate(model, ds, device=device, window=args.window, stride=args.stride,
+                                               workers=args.workers, save_dir=out_dir if rank == 0 else None,
+                                               save_limit=4)
+    return results
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB CUDA max allocated"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process peak RSS"
+
+
+def benchmark(model, optimizer, args, device, autocast, per_rank: int) -> None:
+    """Median time of a training step on random inputs of the real size, after 3 warm-up steps."""
+    images = torch.randn(per_rank, 3, args.crop_size, args.crop_size, device=device)
+    labels = torch.randint(0, model.config["num_classes"], (per_rank, args.crop_size, args.crop_size), device=device)
+    times = []
+    for i in range(3 + args.bench):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        train_step(model, optimizer, images, labels, autocast)
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    ms = 1000 * float(np.median(times))
+    flags = [name for name, on in (("bf16", device.type == "cuda" and not args.fp32), ("compile", args.compile),
+                                   ("grad-ckpt", args.grad_ckpt)) if on]
+    print(f"bench: {args.method} {args.backbone} patch {args.patch_size}, {args.crop_size}x{args.crop_size}, batch "
+          f"{args.batch_size}, {device}, {'+'.join(flags) or 'fp32'}: {ms:.1f} ms/step, "
+          f"{1000 * args.batch_size / ms:.1f} images/s, peak {peak_memory(device)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = evaluation.setup_distributed()
+    rank, world_size = evaluation.world()
+    previous_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return train(args, device, rank, world_size)
+    finally:
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, device: torch.device, rank: int, world_size: int) -> dict:
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is the global batch and must divide among "
+                         f"{world_size} processes")
+    per_rank = args.batch_size // world_size
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not args.fp32)
+
+    # Everything that can fail on user input fails here, before the first step.
+    if not args.bench:
+        if rank == 0:
+            evaluation.check_writable(args.out, "--out")
+        sources = data.parse_data(args.data)
+        if len(sources) != 1:
+            raise ValueError(f"--data {args.data}: one training set, e.g. gta or gta+synthia (',' separates "
+                             f"--val datasets)")
+        name, root = sources[0]
+        train_set = data.build_dataset(name, root, "train", train=True, crop_size=args.crop_size,
+                                       **evaluation.dataset_kwargs(name, "train", vars(args)))
+        val_sets = validation_sets(args, rank)
+        if len(train_set) < args.batch_size:
+            raise ValueError(f"{args.data} has {len(train_set)} training images, fewer than --batch-size "
+                             f"{args.batch_size}")
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = rein.build_model(method=args.method, backbone=args.backbone, weights=args.weights,
+                             num_classes=19 if args.bench else train_set.num_classes, patch_size=args.patch_size,
+                             num_queries=args.num_queries, head_dim=args.head_dim, head_layers=args.head_layers,
+                             num_points=args.num_points, grad_ckpt=args.grad_ckpt).to(device)
+    if args.compile:
+        model.backbone.compile()
+        model.head.compile()
+    # DDP sees only the trainable parameters: a frozen ViT never counts as unused.
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world_size > 1 else model
+    optimizer, schedule = build_optimizer(model, args, device)
+    if args.bench:
+        benchmark(ddp, optimizer, args, device, autocast, per_rank)
+        return {}
+
+    iteration, epoch, position = 0, 0, 0
+    resume = args.resume or (args.out / "last.pt" if (args.out / "last.pt").exists() else None)
+    if resume:
+        ckpt = load_resume(resume, model)
+        model.load_trainable_state_dict(ckpt["model"], origin=str(resume))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        iteration, epoch, position = ckpt["iteration"], ckpt["epoch"], ckpt["position"]
+        if rank == 0:
+            print(f"resuming {resume} at iteration {iteration} of {args.iters}")
+    if resume and len(ckpt["rng"]) == world_size:
+        set_rng_state(ckpt["rng"][rank])
+    else:
+        # Each rank draws its own random points in the loss.
+        for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
+            seed_fn(args.seed + rank)
+    plain_args = json.loads(json.dumps(vars(args), default=str))  # paths as strings
+    if rank == 0:
+        (args.out / "args.json").write_text(json.dumps(plain_args, indent=2))
+
+    sampler = TrainSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
+    # The loader gets its own generator, so that creating it draws nothing from the global
+    # random state (which the checkpoint restores).
+    loader = torch.utils.data.DataLoader(Augmented(train_set), batch_size=per_rank, sampler=sampler, drop_last=True,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.workers > 0, generator=torch.Generator())
+
+    def save_checkpoint() -> None:
+        states = [rng_state()]
+        if world_size > 1:
+            states = [None] * world_size
+            dist.all_gather_object(states, rng_state())
+        if rank == 0:
+            save_atomically(dict(config=model.config, model=model.trainable_state_dict(),
+                                 optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
+                                 iteration=iteration, epoch=epoch, position=position, rng=states,
+                                 args=plain_args), args.out / "last.pt")
+
+    stop = {"signal": 0}
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+
+    log = open(args.out / "log.jsonl", "a") if rank == 0 else None
+    bar = tqdm(total=args.iters, initial=iteration, disable=rank > 0, dynamic_ncols=True)
+    sums, count, t0 = 0.0, 0, time.perf_counter()
+    stream = batches(loader, sampler, epoch=epoch, position=position)
+    results = {}
+    model.train()
+    while iteration < args.iters:
+        epoch, position, (images, labels) = next(stream)
+        losses = train_step(ddp, optimizer, images.to(device, non_blocking=True),
+                            labels.to(device, non_blocking=True), autocast)
+        # One small all-reduce per step, so that every rank agrees on a NaN or a signal.
+        flags = torch.tensor([float(not torch.isfinite(losses["loss"])), float(stop["signal"])], device=device)
+        if world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0]:
+            raise FloatingPointError(f"the loss is {losses['loss'].item()} at iteration {iteration + 1}: training "
+                                     f"stopped before the update; {args.out / 'last.pt'} keeps the last good state")
+        optimizer.step()
+        schedule.step()
+        iteration += 1
+        bar.update(1)
+        sums = sums + torch.stack([v.detach().float() for v in losses.values()])
+        count += 1
+        if iteration % args.log_every == 0 or iteration == args.iters:
+            mean = (sums / count).to(device)
+            if world_size > 1:
+                dist.all_reduce(mean)
+                mean /= world_size
+            record = dict(iter=iteration, lr=schedule.get_last_lr()[0],
+                          images_per_s=count * args.batch_size / (time.perf_counter() - t0))
+            record |= dict(zip(losses, mean.tolist()))
+            if rank == 0:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                img_s=f"{record['images_per_s']:.1f}")
+            sums, count, t0 = 0.0, 0, time.perf_counter()
+        if flags[1]:
+            save_checkpoint()
+            if rank == 0:
+                tqdm.write(f"stopped by signal {int(flags[1])} at iteration {iteration}: {args.out / 'last.pt'} "
+                           f"written; the same command resumes")
+            break
+        if iteration % args.save_every == 0 or iteration == args.iters:
+            save_checkpoint()
+        if iteration % args.eval_every == 0 or iteration == args.iters:
+            results = validate(model, val_sets, args, device, iteration, rank)
+            if rank == 0 and results:
+                tqdm.write(f"iteration {iteration}:\n" + evaluation.format_results(results, train_set.classes))
+                log.write(json.dumps(dict(iter=iteration, val=evaluation.to_json(results, train_set.classes))) + "\n")
+                log.flush()
+            model.train()
+    bar.close()
+    if log:
+        log.close()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (FileNotFoundError, ValueError, PermissionError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
