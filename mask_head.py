@@ -36,7 +36,9 @@ class ConvNorm(nn.Module):
     def __init__(self, *, in_dim: int, dim: int, kernel_size: int, relu: bool):
         super().__init__()
         self.conv = nn.Conv2d(in_dim, dim, kernel_size, padding=kernel_size // 2, bias=False)
-        self.norm = nn.GroupNorm(math.gcd(32, dim), dim)
+        # 32 groups as in Mask2Former; narrow test heads keep at least 2 channels per group,
+        # so that a 1 x 1 map still has more than one value to normalise.
+        self.norm = nn.GroupNorm(math.gcd(32, dim // 2), dim)
         self.relu = relu
 
     def forward(self, x: Tensor) -> Tensor:

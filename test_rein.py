@@ -11,7 +11,6 @@ import math
 import os
 import pickle
 import re
-import shutil
 import signal
 import struct
 import subprocess
@@ -796,6 +795,17 @@ def test_rein_official_checkpoint_loads_and_mismatches_are_explained(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+MAPILLARY_V12_CLASSES = (  # the "readable" names of config_v1.2.json, in label-value order
+    "Bird", "Ground Animal", "Curb", "Fence", "Guard Rail", "Barrier", "Wall", "Bike Lane",
+    "Crosswalk - Plain", "Curb Cut", "Parking", "Pedestrian Area", "Rail Track", "Road", "Service Lane",
+    "Sidewalk", "Bridge", "Building", "Tunnel", "Person", "Bicyclist", "Motorcyclist", "Other Rider",
+    "Lane Marking - Crosswalk", "Lane Marking - General", "Mountain", "Sand", "Sky", "Snow", "Terrain",
+    "Vegetation", "Water", "Banner", "Bench", "Bike Rack", "Billboard", "Catch Basin", "CCTV Camera",
+    "Fire Hydrant", "Junction Box", "Mailbox", "Manhole", "Phone Booth", "Pothole", "Street Light", "Pole",
+    "Traffic Sign Frame", "Utility Pole", "Traffic Light", "Traffic Sign (Back)", "Traffic Sign (Front)",
+    "Trash Can", "Bicycle", "Boat", "Bus", "Car", "Caravan", "Motorcycle", "On Rails", "Other Vehicle",
+    "Trailer", "Truck", "Wheeled Slow", "Car Mount", "Ego Vehicle", "Unlabeled",
+)
 
 # The spec (FACTS.md section 5), written out independently of data.py.
 CITYSCAPES_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
@@ -937,18 +947,31 @@ def test_bdd_jpg_images_and_train_id_masks(tmp_path):
     assert (dataset.read(0)[1] == mask).all() and dataset.unknown_pixels == 0
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "mapillary_config_v1.2.json").is_file(),
-                    reason="shared/data/mapillary_config_v1.2.json is not present")
+def write_mapillary_config(path: Path) -> None:
+    """config_v1.2.json as the dataset ships it: a 'labels' list, one entry per label value."""
+    entries = [dict(readable=name, name=name.lower().replace(" ", "-"), color=[i, i, i], instances=False,
+                    evaluate=True) for i, name in enumerate(MAPILLARY_V12_CLASSES)]
+    path.write_text(json.dumps(dict(labels=entries)))
+
+
 def test_mapillary_config_maps_names_to_train_ids(tmp_path):
     """Mapillary: the table comes from config_v1.2.json by the name rule, in v1.2 and older layouts."""
     raw = all_values(66)
     for root, labels in ((tmp_path / "v12", "training/v1.2/labels"), (tmp_path / "old", "training/labels")):
         save(root / "training" / "images" / "abc.jpg", rgb(2, 66))
-        shutil.copy(SHARED_DATA / "mapillary_config_v1.2.json", root / "config_v1.2.json")
+        write_mapillary_config(root / "config_v1.2.json")
         save(root / labels / "abc.png", raw, palette=True)
         dataset = build_dataset("mapillary", root, "train", train=False)
         assert (dataset.read(0)[1] == expected(MAPILLARY_IDS, raw)).all()
         assert (label_lut("mapillary", root) == expected(MAPILLARY_IDS, np.arange(256))).all()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mapillary_config_v1.2.json").is_file(),
+                    reason="the real Mapillary v1.2 config is only in the development checkout's ../shared/data")
+def test_mapillary_class_list_is_the_real_one():
+    """The class list the tests write is the real config_v1.2.json's."""
+    real = json.loads((SHARED_DATA / "mapillary_config_v1.2.json").read_text())["labels"]
+    assert tuple(entry["readable"] for entry in real) == MAPILLARY_V12_CLASSES
 
 
 def test_acdc_conditions_and_subsets(tmp_path):
