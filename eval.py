@@ -17,6 +17,7 @@ matrices are summed, so the result is exactly that of one process. train.py call
 import argparse
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -76,11 +77,12 @@ def slide_inference(model: rein.Segmenter, image: Tensor, *, window: int = 512, 
 def whole_inference(model: rein.Segmenter, image: Tensor) -> Tensor:
     """Per-class scores (K, h, w) from one pass over the whole image (3, h, w), padded to the patch size."""
     _, h, w = image.shape
-    p = model.backbone.vit.patch_size * 2  # the stride-32 map needs an even patch grid
+    p = model.backbone.vit.patch_size
     padded = F.pad(image, (0, -w % p, 0, -h % p))
     return model.predict(padded[None]).float()[0, :, :h, :w]
 
 
+@torch.inference_mode()
 def predict_labels(model: rein.Segmenter, image: Tensor, size: tuple[int, int], *, slide: bool = True,
                    window: int = 512, stride: int = 341, batch_size: int = 8) -> Tensor:
     """Train ids (H, W) for an image (3, h, w) at test scale; `size` = (H, W) of the label."""
@@ -162,6 +164,14 @@ def save_prediction(path: Path, pred: np.ndarray, fmt: str, *, rgb: np.ndarray, 
 # ---------------------------------------------------------------------------------------------
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM and Ctrl-C to the main process, which stops cleanly
+    (train.py saves a checkpoint first) and shuts them down; a worker that died first would
+    make the loader fail in the middle of a step."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def world() -> tuple[int, int]:
     """(rank, world size): (0, 1) outside torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -180,7 +190,7 @@ def evaluate(model: rein.Segmenter, dataset, *, device: torch.device, slide: boo
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     K = dataset.num_classes
     conf = torch.zeros(K, K, dtype=torch.int64, device=device)
     to_raw = train_to_raw_ids(dataset.lut) if fmt == "labelids" else None
@@ -193,7 +203,7 @@ def evaluate(model: rein.Segmenter, dataset, *, device: torch.device, slide: boo
         if save_dir is not None and (save_limit is None or n < save_limit):
             rgb, raw_label = dataset.read(sample["index"])
             save_prediction(save_dir / f"{sample['name']}.png", pred.cpu().numpy(), fmt, rgb=rgb,
-                            palette=dataset.palette, label=raw_label, to_raw=to_raw)
+                            palette=dataset.palette, label=raw_label if dataset.has_labels else None, to_raw=to_raw)
     if world_size > 1:
         dist.all_reduce(conf)
     return scores_from_confusion(conf.cpu()) | dict(images=len(dataset), confusion=conf.cpu())
@@ -293,8 +303,10 @@ def image_files(paths: list[str]) -> list[Path]:
 
 @torch.inference_mode()
 def predict_images(model: rein.Segmenter, paths: list[str], save_dir: Path, *, device: torch.device,
-                   slide: bool, window: int, stride: int, palette: np.ndarray) -> int:
-    """Coloured predictions for the user's own pictures; files that are not images are skipped."""
+                   test_size: tuple[int, int] | None, slide: bool, window: int, stride: int,
+                   palette: np.ndarray) -> int:
+    """Coloured predictions for the user's own pictures, seen at `test_size` (long, short) or as
+    they are (None); files that are not images are skipped with a warning."""
     rank, world_size = world()
     files = image_files(paths)[rank::world_size]
     written = 0
@@ -304,7 +316,7 @@ def predict_images(model: rein.Segmenter, paths: list[str], save_dir: Path, *, d
         except OSError as e:
             warnings.warn(f"skipping {f}: not an image ({e})")
             continue
-        image = data.to_test_tensor(rgb, data.TEST_SIZES["cityscapes"]).to(device)
+        image = data.to_test_tensor(rgb, test_size).to(device)
         pred = predict_labels(model, image, rgb.shape[:2], slide=slide, window=window, stride=stride).cpu().numpy()
         save_prediction(save_dir / f"{f.stem}.png", pred, "color", rgb=rgb, palette=palette, label=None,
                         to_raw=None)
@@ -362,26 +374,35 @@ def main(args: argparse.Namespace) -> dict | None:
     results = None
     if args.image:
         palette = data.palette_for(model.config["num_classes"])
-        n = predict_images(model, args.image, args.save_dir, device=device, slide=not args.whole, window=window,
-                           stride=stride, palette=palette)
+        # Pictures are seen at the test scale of the data the model learnt from.
+        source = data.parse_data(trained["data"])[0][0].split("+")[0].split(":")[0]
+        n = predict_images(model, args.image, args.save_dir, device=device, test_size=data.TEST_SIZES.get(source),
+                           slide=not args.whole, window=window, stride=stride, palette=palette)
         print(f"rank {rank}: wrote {n} predictions to {args.save_dir}")
     else:
         datasets = [data.build_dataset(name, root, args.split, train=False,
                                        **dataset_kwargs(name, args.split, trained))
                     for name, root in data.parse_data(args.data)]
-        results = {}
         for ds in datasets:
             if ds.num_classes != model.config["num_classes"]:
                 raise ValueError(f"{ds.name} has {ds.num_classes} classes but the model in {args.ckpt} "
                                  f"predicts {model.config['num_classes']}")
+            if not ds.has_labels and not args.save_dir:
+                raise ValueError(f"{ds.name} {args.split} has no labels to score; add --save-dir to write "
+                                 f"its predictions")
+        results = {}
+        for ds in datasets:
             out_dir = None
             if args.save_dir:
                 out_dir = args.save_dir / ds.name.replace(":", "_")
                 out_dir.mkdir(parents=True, exist_ok=True)
-            results[ds.name] = evaluate(model, ds, device=device, slide=not args.whole, window=window, stride=stride,
-                                        batch_size=args.batch_size, workers=args.workers, save_dir=out_dir,
-                                        fmt=args.format)
-        if rank == 0:
+            result = evaluate(model, ds, device=device, slide=not args.whole, window=window, stride=stride,
+                              batch_size=args.batch_size, workers=args.workers, save_dir=out_dir, fmt=args.format)
+            if ds.has_labels:
+                results[ds.name] = result
+            elif rank == 0:
+                print(f"{ds.name} {args.split} has no labels: {len(ds)} predictions written to {out_dir}")
+        if rank == 0 and results:
             print(format_results(results, datasets[0].classes))
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1231,13 +1231,11 @@ def test_palettes_and_colorize():
 # eval.py
 # ---------------------------------------------------------------------------------------------
 
-def write_checkpoint(path, *, method="rein", num_classes=19, seed=0, val="cityscapes"):
+def write_checkpoint(path):
     """A train.py-style checkpoint of a small random model: its config, trainable state and args."""
-    torch.manual_seed(seed)
-    model = small_model(method, num_classes=num_classes)
-    args = dict(data=val, val=val, window=64, stride=48)
+    model = small_model(num_classes=19)
+    args = dict(data="synthetic:game", window=64, stride=48)
     torch.save(dict(config=model.config, model=model.trainable_state_dict(), args=args), path)
-    return model
 
 
 def cityscapes_folder(root, count=3, size=(96, 64)):
@@ -1363,6 +1361,22 @@ def test_eval_color_overlay_and_own_images(tmp_path):
     assert np.array_equal(picture[0, 0], CITYSCAPES_PALETTE[0] // 2)
 
 
+def test_eval_test_split_without_labels_writes_predictions_only(tmp_path, capsys):
+    """Cityscapes test publishes no labels: predictions are written, nothing is scored, and
+    asking for scores alone is an error."""
+    root = tmp_path / "cityscapes"
+    save(root / "leftImg8bit" / "test" / "berlin" / "berlin_000000_000019_leftImg8bit.png", rgb(256, 512))
+    write_checkpoint(tmp_path / "last.pt")
+    common = ["--ckpt", str(tmp_path / "last.pt"), "--data", f"cityscapes={root}", "--split", "test", "--whole",
+              "--workers", "0"]
+    with pytest.raises(ValueError, match="cityscapes test has no labels to score; add --save-dir"):
+        evaluation.main(evaluation.parse_args(common))
+    assert evaluation.main(evaluation.parse_args(common + ["--save-dir", str(tmp_path / "out")])) == {}
+    assert "no labels: 1 predictions written" in capsys.readouterr().out
+    # Written at the image's own size: the test scale (1024 x 512) changes it for the model only.
+    assert Image.open(tmp_path / "out" / "cityscapes" / "berlin_000000_000019_leftImg8bit.png").size == (512, 256)
+
+
 def test_eval_distributed_counts_every_image_once(tmp_path):
     """2 gloo processes on 5 images give the same confusion matrix as 1 process."""
     root = tmp_path / "mine"
@@ -1431,13 +1445,15 @@ def test_train_resume_after_sigterm_is_exact(tmp_path):
     straight = tmp_path / "straight"
     train.main(train.parse_args(TINY_RUN + ["--iters", "12", "--out", str(straight)]))
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "train.py", *TINY_RUN, "--iters", "12", "--out", str(interrupted)],
-                            cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # With a loader worker, and the signal sent to the whole process group, as a cluster does.
+    proc = subprocess.Popen([sys.executable, "train.py", *TINY_RUN, "--workers", "1", "--iters", "12",
+                             "--out", str(interrupted)], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log = interrupted / "log.jsonl"
     deadline = time.time() + 120
     while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, output
     stopped = torch.load(interrupted / "last.pt", weights_only=True)["iteration"]

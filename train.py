@@ -372,7 +372,8 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
     # random state (which the checkpoint restores).
     loader = torch.utils.data.DataLoader(Augmented(train_set), batch_size=per_rank, sampler=sampler, drop_last=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.workers > 0, generator=torch.Generator())
+                                         persistent_workers=args.workers > 0, generator=torch.Generator(),
+                                         worker_init_fn=evaluation.ignore_stop_signals)
 
     def save_checkpoint() -> None:
         states = [rng_state()]
