@@ -212,7 +212,8 @@ def _open(path: Path, *, low_byte: bool = False) -> Image.Image:
         if low_byte:
             # Pillow keeps only the high byte of 16-bit colour PNGs; unpacking the same
             # big-endian data as little-endian makes it keep the low byte instead.
-            image.tile = [tile._replace(args=tile.args.replace(";16B", ";16L")) for tile in image.tile]
+            image.tile = [(decoder, extents, offset, args.replace(";16B", ";16L"))
+                          for decoder, extents, offset, args in image.tile]
         image.load()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist") from None
