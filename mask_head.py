@@ -185,10 +185,11 @@ class MaskHead(nn.Module):
         rein_queries: bool = False,
     ):
         super().__init__()
-        if num_classes < 1 or num_queries < 1 or num_layers < 1:
+        if num_classes < 1 or num_queries < 1 or num_layers < NUM_LEVELS:
             raise ValueError(
-                f"MaskHead: num_classes, num_queries and num_layers must be >= 1; "
-                f"got {num_classes}, {num_queries} and {num_layers}."
+                f"MaskHead: num_classes and num_queries must be >= 1 and num_layers >= {NUM_LEVELS} (one pass "
+                f"over every level, or a level would get no gradient); got {num_classes}, {num_queries} and "
+                f"{num_layers}."
             )
         if dim % 4 or dim % num_heads:
             raise ValueError(

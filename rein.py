@@ -34,8 +34,9 @@ FEATURE_DEPTHS = (1 / 3, 1 / 2, 2 / 3, 1)
 # Under `full`, the backbone learns at this fraction of the head's learning rate, as in the
 # official configs; without it, full fine-tuning collapses (FACTS.md section 4).
 FULL_BACKBONE_LR_MULT = 0.1
-# Parameters trained without weight decay, by name (FACTS.md section 4).
-NO_WEIGHT_DECAY = ("norm", "learnable_tokens", "query_embed", "level_embed")
+# Parameters trained without weight decay, by name (FACTS.md section 4); the head's query
+# features and positions and its level embedding are embeddings in Mask2Former's sense.
+NO_WEIGHT_DECAY = ("norm", "learnable_tokens", "query_feat", "query_embed", "level_embed")
 
 
 # ---------------------------------------------------------------------------------------------
