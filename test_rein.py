@@ -1515,8 +1515,7 @@ def test_train_ddp_on_two_processes_equals_one_process(tmp_path, method):
     torch.multiprocessing.spawn(ddp_steps, args=(2, method, 29700 + rein.METHODS.index(method), tmp_path / "two"),
                                 nprocs=2)
     torch.multiprocessing.spawn(ddp_steps, args=(1, method, 0, tmp_path / "one"), nprocs=1)
-    one, two = torch.load(tmp_path / "one_0.pt"), torch.load(tmp_path / "two_0.pt")
-    other_rank = torch.load(tmp_path / "two_1.pt")
+    one, two, other_rank = (torch.load(tmp_path / f, weights_only=True) for f in ("one_0.pt", "two_0.pt", "two_1.pt"))
     for key in ("grads0", "params0", "grads1", "params1"):
         # Float noise only: 1e-4 of the largest gradient (some gradients are zero in theory,
         # such as those of attention key biases, and hold only noise); SGD turns the same
