@@ -1075,6 +1075,12 @@ def parse_data(text: str) -> list[tuple[str, str | None]]:
     return entries
 
 
+def first_source(text: str) -> str:
+    """The dataset of the first training source in a --data value: 'gta+synthia=/a+/b' -> 'gta'."""
+    name = parse_data(text)[0][0]
+    return _split_name(name)[0][0]
+
+
 def build_dataset(name: str, root: str | Path | None, split: str, *, train: bool, crop_size: int = 512,
                   image_size: tuple[int, int] = (512, 256), length: int = 200,
                   seed: int = 0) -> SegmentationDataset | CombinedDataset:

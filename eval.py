@@ -375,7 +375,7 @@ def main(args: argparse.Namespace) -> dict | None:
     if args.image:
         palette = data.palette_for(model.config["num_classes"])
         # Pictures are seen at the test scale of the data the model learnt from.
-        source = data.parse_data(trained["data"])[0][0].split("+")[0].split(":")[0]
+        source = data.first_source(trained["data"])
         n = predict_images(model, args.image, args.save_dir, device=device, test_size=data.TEST_SIZES.get(source),
                            slide=not args.whole, window=window, stride=stride, palette=palette)
         print(f"rank {rank}: wrote {n} predictions to {args.save_dir}")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 
+import data
 import eval as evaluation
 import rein
 import train
@@ -1082,7 +1083,8 @@ def test_bad_input_gives_clear_errors(tmp_path):
 
 
 def test_parse_data_reads_the_command_line_form():
-    """parse_data splits NAME[=ROOT] entries, keeps + and :subset, and rejects unknown names."""
+    """parse_data splits NAME[=ROOT] entries, keeps + and :subset, and rejects unknown names; first_source
+    names the first training source's dataset."""
     assert parse_data("gta+synthia, cityscapes=/d/cs,acdc:night,folder=my/data") == [
         ("gta+synthia", None), ("cityscapes", "/d/cs"), ("acdc:night", None), ("folder", "my/data")]
     with pytest.raises(ValueError, match="gta, synthia, cityscapes"):
@@ -1091,6 +1093,8 @@ def test_parse_data_reads_the_command_line_form():
         parse_data("folder")
     with pytest.raises(ValueError, match="no folder"):
         parse_data("gta=")
+    assert [data.first_source(t) for t in ("gta+synthia=/a+/b", "synthetic:game", "acdc:night=/x")] == \
+        ["gta", "synthetic", "acdc"]
 
 
 def test_crop_respects_the_category_ratio_rule():

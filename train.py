@@ -163,7 +163,7 @@ def batches(loader, sampler: TrainSampler, *, epoch: int, position: int):
 
 def validation_sets(args: argparse.Namespace, rank: int) -> list:
     """The --val datasets; without --val, those of the usual targets that exist under data/."""
-    source = data.parse_data(args.data)[0][0].split("+")[0].split(":")[0]
+    source = data.first_source(args.data)
     found = []
     for name, root in data.parse_data(args.val or DEFAULT_VAL.get(source, source)):
         try:
