@@ -253,17 +253,33 @@ def dataset_kwargs(name: str, split: str, run_args: dict) -> dict:
     return {}
 
 
-def load_checkpoint(path: str | Path, weights: str | None = None) -> tuple[rein.Segmenter, dict]:
-    """Rebuilds the model a train.py checkpoint describes and loads its trained weights.
+def check_head_version(config: dict, path: str | Path) -> None:
+    """Checkpoints from before the paper's pixel decoder have no `encoder_layers`; say so plainly."""
+    if "encoder_layers" not in config:
+        raise ValueError(f"{path} was trained with the earlier convolutional (FPN) head, which the paper's "
+                         f"deformable-attention head replaced; its weights cannot run in this version. Retrain "
+                         f"it, or evaluate it with the version of this repository that trained it")
 
-    `weights` overrides where the frozen DINOv2 weights come from (the checkpoint stores
-    only what trained, plus the arguments that rebuild the rest).
+
+def load_checkpoint(path: str | Path, weights: str | None = None) -> tuple[rein.Segmenter, dict]:
+    """Rebuilds the model a checkpoint describes and loads its trained weights.
+
+    A train.py checkpoint stores what trained plus the arguments that rebuild the rest;
+    `weights` overrides where its frozen DINOv2 weights come from. An official Rein release
+    file (an mmengine checkpoint with decode_head.* weights) goes through rein.from_official,
+    with `weights` naming its DINOv2 backbone.
     """
-    ckpt = vit.load_file(path, what="a train.py checkpoint")
+    ckpt = vit.load_file(path, what="a train.py checkpoint or an official Rein release file")
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
+        return rein.from_official(path, weights), {}
+    if isinstance(ckpt, dict) and "cls_token" in ckpt:
+        raise ValueError(f"{path} holds DINOv2 backbone weights, not a trained segmenter: pass it as --weights, "
+                         f"and a train.py checkpoint or an official Rein release file as --ckpt")
     if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
         found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is not a train.py checkpoint: expected the keys 'config' and 'model', "
                          f"found {found}")
+    check_head_version(ckpt["config"], path)
     config = dict(ckpt["config"])
     if weights is not None:
         config["weights"] = weights
@@ -338,11 +354,12 @@ def check_writable(folder: Path, flag: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Evaluate a trained checkpoint on several domains, or predict images.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a train.py checkpoint, e.g. runs/NAME/last.pt")
+    p.add_argument("--ckpt", required=True, help="a train.py checkpoint (e.g. runs/NAME/last.pt) or an official "
+                                                 "Rein release file")
     p.add_argument("--data", help="datasets to evaluate, NAME[=ROOT],... (see data.py)")
     p.add_argument("--split", default="val", help="dataset split")
-    p.add_argument("--weights", help="where the frozen DINOv2 weights come from (path, URL or name); "
-                                     "default: as recorded in the checkpoint")
+    p.add_argument("--weights", help="where the frozen DINOv2 weights come from (path, URL or name, e.g. the "
+                                     "release's dinov2_converted.pth); default: as recorded in the checkpoint")
     p.add_argument("--image", nargs="+", help="your own image files or folders: coloured predictions, no labels")
     p.add_argument("--save-dir", type=Path, help="write one PNG per image here")
     p.add_argument("--format", choices=FORMATS, default="color",
@@ -374,8 +391,9 @@ def main(args: argparse.Namespace) -> dict | None:
     results = None
     if args.image:
         palette = data.palette_for(model.config["num_classes"])
-        # Pictures are seen at the test scale of the data the model learnt from.
-        source = data.first_source(trained["data"])
+        # Pictures are seen at the test scale of the data the model learnt from (GTAV for the
+        # official release files).
+        source = data.first_source(trained.get("data", "gta"))
         n = predict_images(model, args.image, args.save_dir, device=device, test_size=data.TEST_SIZES.get(source),
                            slide=not args.whole, window=window, stride=stride, palette=palette)
         print(f"rank {rank}: wrote {n} predictions to {args.save_dir}")

@@ -1,17 +1,28 @@
-"""A simplified Mask2Former head: queries that each predict a class and a mask.
+"""The paper's Mask2Former head, written plainly: queries that each predict a class and a mask.
+
+Mask2Former (Cheng et al., CVPR 2022) as the Rein paper builds it from mmdet 3.x: a pixel
+decoder of multi-scale deformable attention (Deformable DETR, Zhu et al., ICLR 2021), a
+masked-attention transformer decoder, Hungarian matching and a set loss on sampled points.
+Parameters carry the official names where that stays readable; `rein.OFFICIAL_NAMES` maps
+the rest, so that the official release checkpoints load one to one.
 
     head = MaskHead(in_dim=1024, num_classes=19, rein_queries=True)
-    predictions = head(maps, queries)          # 10 x (class (B, Q, K+1), mask (B, Q, H/4, W/4))
-    losses = SetCriterion(num_classes=19)(predictions, labels)    # labels (B, H, W), 255 = ignore
-    scores = semantic_inference(*predictions[-1])                 # (B, K, H/4, W/4)
+    predictions, features = head(maps, queries)  # 10 x (class (B, Q, K+1), mask embedding (B, Q, C)), (B, C, 4h, 4w)
+    losses = SetCriterion(num_classes=19)(predictions, features, labels)  # labels (B, H, W), 255 = ignore
+    class_logits, embedding = predictions[-1]
+    scores = semantic_inference(class_logits, mask_logits(embedding, features))  # (B, K, 4h, 4w)
 
-It follows Mask2Former as the Rein paper uses it (FACTS.md section 3) except for the pixel
-decoder, which is a small convolutional FPN instead of a deformable-attention encoder.
-Reading order: pixel decoder, masked-attention transformer decoder, the head, Hungarian
-matching (`linear_sum_assignment`, written in numpy), the set criterion, semantic inference.
-Run `python mask_head.py` to time one training step's matching.
+A query's mask is its embedding times the per-pixel mask features, a linear map, so it
+commutes with resizing and with sampling at points: the attention masks and the loss
+never build the full-resolution masks of all queries (Mask2Former builds 10 x 100 of them
+per image), only the matched ones, with the same results.
+
+Reading order: positions, the pixel decoder, the transformer decoder, the head, Hungarian
+matching (`linear_sum_assignment`, written in numpy), the set loss, semantic inference.
+`python mask_head.py` times the deformable attention and the matching.
 """
 
+import itertools
 import math
 import time
 
@@ -23,109 +34,266 @@ from torch import Tensor, nn
 
 NUM_LEVELS = 3  # the decoder attends to strides 32, 16, 8 in turn
 IGNORE = 255
-Predictions = list[tuple[Tensor, Tensor]]  # per prediction: class logits (B, Q, K+1), masks (B, Q, h, w)
+Predictions = list[tuple[Tensor, Tensor]]  # per prediction: class logits (B, Q, K+1), mask embeddings (B, Q, C)
 Targets = list[tuple[Tensor, Tensor]]  # per image: classes (T,), binary masks (T, H, W)
+
+
+# ---------------------------------------------------------------- positions
+
+
+def sine_position(h: int, w: int, dim: int, device: torch.device) -> Tensor:
+    """mmdet's SinePositionalEncoding(num_feats=dim/2, normalize=True) of an h x w grid: (h*w, dim).
+
+    Rows and columns count from 1 and are divided by (size + 1e-6), then scaled to 2 pi;
+    frequency k is shared by channels 2k and 2k+1, which hold its sin and its cos. The y
+    half comes first, then the x half.
+    """
+    feats = dim // 2
+    k = torch.arange(feats, dtype=torch.float32, device=device)
+    periods = 10000 ** (2 * (k // 2) / feats)  # (feats,)
+
+    def encode(n: int) -> Tensor:  # (n, feats)
+        angle = torch.arange(1, n + 1, dtype=torch.float32, device=device) / (n + 1e-6) * (2 * math.pi)
+        angle = angle[:, None] / periods
+        return torch.stack([angle[:, 0::2].sin(), angle[:, 1::2].cos()], dim=2).flatten(1)  # sin, cos interleaved
+
+    y = encode(h)[:, None].expand(h, w, feats)
+    x = encode(w)[None].expand(h, w, feats)
+    return torch.cat([y, x], dim=2).flatten(0, 1)  # (h, w, dim) -> (h*w, dim)
+
+
+def pixel_centres(h: int, w: int, device: torch.device) -> Tensor:
+    """(h*w, 2): the (x, y) centre of every cell of an h x w grid, row by row, in [0, 1]."""
+    y, x = torch.meshgrid((torch.arange(h, device=device) + 0.5) / h,
+                          (torch.arange(w, device=device) + 0.5) / w, indexing="ij")
+    return torch.stack([x, y], dim=-1).flatten(0, 1)
 
 
 # ---------------------------------------------------------------- pixel decoder
 
 
-class ConvNorm(nn.Module):
-    """Conv2d (no bias: the norm has one), GroupNorm, optional ReLU."""
+class ConvGN(nn.Module):
+    """Conv2d, an optional bilinear resize, GroupNorm: mmcv's ConvModule, named `conv` and `gn`.
 
-    def __init__(self, *, in_dim: int, dim: int, kernel_size: int, relu: bool):
+    The ViT gives one resolution and the decoder wants four. A 1x1 convolution commutes with
+    bilinear resizing (both are linear, and bilinear weights sum to one), so projecting from
+    the ViT's width to 256 channels before resizing gives the official result with a quarter
+    (or less) of the memory.
+    """
+
+    def __init__(self, *, in_dim: int, dim: int, kernel_size: int = 1, bias: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(in_dim, dim, kernel_size, padding=kernel_size // 2, bias=False)
+        self.conv = nn.Conv2d(in_dim, dim, kernel_size, padding=kernel_size // 2, bias=bias)
         # 32 groups as in Mask2Former; narrow test heads keep at least 2 channels per group,
         # so that a 1 x 1 map still has more than one value to normalise.
-        self.norm = nn.GroupNorm(math.gcd(32, dim // 2), dim)
-        self.relu = relu
+        self.gn = nn.GroupNorm(math.gcd(32, dim // 2), dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.norm(self.conv(x))
-        return F.relu(x) if self.relu else x
+    def forward(self, x: Tensor, scale: float = 1) -> Tensor:
+        x = self.conv(x)
+        if scale != 1:
+            x = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        return self.gn(x)
 
 
-def sine_position(h: int, w: int, dim: int, device: torch.device) -> Tensor:
-    """The 2-D sine position encoding of an h x w grid: (h*w, dim), y half then x half."""
-    frequencies = 10000 ** (torch.arange(dim // 4, device=device) / (dim // 4))  # (dim/4,)
-    y = (torch.arange(h, device=device) + 0.5) / h * 2 * math.pi  # pixel centres in [0, 2 pi]
-    x = (torch.arange(w, device=device) + 0.5) / w * 2 * math.pi
-    y = y[:, None] / frequencies  # (h, dim/4)
-    x = x[:, None] / frequencies  # (w, dim/4)
-    y = torch.cat([y.sin(), y.cos()], 1)[:, None].expand(h, w, dim // 2)  # (h, w, dim/2)
-    x = torch.cat([x.sin(), x.cos()], 1)[None].expand(h, w, dim // 2)  # (h, w, dim/2)
-    return torch.cat([y, x], 2).flatten(0, 1)  # (h*w, dim)
+class WeightedRows(torch.autograd.Function):
+    """out[i] = sum_j coef[i, j] * rows[index[i, j]]: a weighted sum of gathered rows per output row.
+
+    index, coef (N, k); rows (R, d) -> (N, d). embedding_bag computes it without
+    materialising the N*k gathered rows. The rows' gradient is the same operation run the
+    other way, the N*k terms grouped by row: on CPU about 3x faster than embedding_bag's own
+    backward.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, index: Tensor, coef: Tensor) -> Tensor:
+        ctx.save_for_backward(rows, index, coef)
+        return F.embedding_bag(index, rows, per_sample_weights=coef, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor]:
+        rows, index, coef = ctx.saved_tensors
+        # d out[i] / d coef[i, j] = rows[index[i, j]]: embedding_bag's own, fast, backward.
+        with torch.enable_grad():
+            weights = coef.detach().requires_grad_()
+            out = F.embedding_bag(index, rows.detach(), per_sample_weights=weights, mode="sum")
+            grad_coef, = torch.autograd.grad(out, weights, grad)
+        # d loss / d rows[r] = sum over the (i, j) with index[i, j] == r of coef[i, j] * grad[i].
+        flat = index.flatten()
+        order = torch.sort(flat, stable=True).indices.int()
+        counts = torch.bincount(flat, minlength=rows.shape[0]).int()
+        offsets = counts.cumsum(0, dtype=torch.int32) - counts
+        source = torch.div(order, index.shape[1], rounding_mode="floor")  # the output row of each term
+        grad_rows = F.embedding_bag(source, grad, offsets, per_sample_weights=coef.flatten()[order], mode="sum")
+        return grad_rows, None, grad_coef
+
+
+def sample_levels(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
+    """The core of deformable attention: weighted bilinear samples of every level, summed.
+
+    value (B, Lv, M, d): M heads' values of the L levels, flattened row by row, one level
+    after another; shapes: (h, w) of each level; locations (B, Lq, M, L, P, 2): (x, y) in
+    [0, 1] of P points per level; weights (B, Lq, M, L, P). Returns (B, Lq, M*d).
+
+    Sampling is grid_sample's (bilinear, align_corners=False, zeros outside the map): a point
+    mixes the 4 pixels around it. Folding those 4 bilinear weights into the attention
+    weight turns the whole attention into one weighted sum of 4*L*P rows of `value` per
+    query and head (`WeightedRows`).
+    """
+    B, Lv, M, d = value.shape
+    _, Lq, _, L, P, _ = locations.shape
+    device = value.device
+    w = torch.tensor([w for _, w in shapes], dtype=torch.int32, device=device)[:, None]  # (L, 1)
+    h = torch.tensor([h for h, _ in shapes], dtype=torch.int32, device=device)[:, None]
+    x = locations[..., 0].float() * w - 0.5  # (B, Lq, M, L, P) in pixels of each level, centres at integers
+    y = locations[..., 1].float() * h - 0.5
+    x0, y0 = x.floor(), y.floor()
+    # The 2 x 2 pixels around each point, columns x0, x0 + 1 and rows y0, y0 + 1, with their
+    # bilinear weights. A pixel outside the level weighs 0 and gets any valid index.
+    pair = torch.arange(2, dtype=torch.int32, device=device)
+    xs, ys = x0.int()[..., None] + pair, y0.int()[..., None] + pair  # (B, Lq, M, L, P, 2)
+    w, h = w[..., None], h[..., None]  # (L, 1, 1)
+    wx = torch.stack([x0 + 1 - x, x - x0], dim=-1) * ((xs >= 0) & (xs < w))
+    wy = torch.stack([y0 + 1 - y, y - y0], dim=-1) * ((ys >= 0) & (ys < h))
+    coef = weights[..., None, None] * wy[..., :, None] * wx[..., None, :]  # (B, Lq, M, L, P, 2, 2)
+    # Row of `value` of each pixel: image b, head m, the level's first row, then row-major.
+    level_start = torch.tensor([0, *itertools.accumulate(h * w for h, w in shapes)][:-1], device=device)
+    first = (torch.arange(B, device=device)[:, None] * M + torch.arange(M, device=device)) * Lv  # (B, M)
+    first = (first[:, None, :, None, None, None] + level_start[:, None, None]).int()  # (B, 1, M, L, 1, 1)
+    index = (first + ys.clamp(0).minimum(h - 1) * w)[..., :, None] + xs.clamp(0).minimum(w - 1)[..., None, :]
+    rows = value.transpose(1, 2).reshape(B * M * Lv, d)  # (B, Lv, M, d) -> (B*M*Lv, d)
+    out = WeightedRows.apply(rows, index.view(B * Lq * M, L * P * 4),
+                             coef.reshape(B * Lq * M, L * P * 4).to(rows.dtype))
+    return out.view(B, Lq, M * d)
+
+
+class DeformableAttention(nn.Module):
+    """Multi-scale deformable attention with mmcv's parameter names and layout.
+
+    Every query looks at `num_points` places per head and level, at learned offsets from
+    its reference point, and mixes what it finds with learned, softmaxed weights.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int = 8, num_levels: int = NUM_LEVELS, num_points: int = 4):
+        super().__init__()
+        self.num_heads, self.num_levels, self.num_points = num_heads, num_levels, num_points
+        self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+        # Deformable DETR's start: head m looks along the direction 2 pi m / M, point p at
+        # p + 1 pixels, with equal weights.
+        angle = torch.arange(num_heads) * (2 * math.pi / num_heads)
+        direction = torch.stack([angle.cos(), angle.sin()], -1)
+        direction = direction / direction.abs().amax(-1, keepdim=True)  # (M, 2), on the unit square
+        distance = torch.arange(1, num_points + 1)[:, None]  # (P, 1)
+        with torch.no_grad():
+            self.sampling_offsets.weight.zero_()
+            self.sampling_offsets.bias.copy_((direction[:, None, None] * distance).expand(
+                num_heads, num_levels, num_points, 2).flatten())
+            self.attention_weights.weight.zero_()
+            self.attention_weights.bias.zero_()
+        for linear in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, query: Tensor, value: Tensor, reference: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+        """query (B, Lq, C), positions included; value (B, Lv, C), every level flattened;
+        reference (Lq, 2) (x, y) in [0, 1]; shapes (h, w) per level -> (B, Lq, C)."""
+        B, Lq, C = query.shape
+        M, L, P = self.num_heads, self.num_levels, self.num_points
+        value = self.value_proj(value).view(B, -1, M, C // M)  # (B, Lv, M, d)
+        offsets = self.sampling_offsets(query).view(B, Lq, M, L, P, 2)  # (x, y) in pixels of each level
+        weights = self.attention_weights(query).view(B, Lq, M, L * P).softmax(-1).view(B, Lq, M, L, P)
+        size = torch.tensor([(w, h) for h, w in shapes], device=query.device)  # (L, 2)
+        # The same reference point on every level; an offset of one pixel is 1/w (or 1/h) there.
+        locations = reference[:, None, None, None, :] + offsets / size[:, None]  # (B, Lq, M, L, P, 2)
+        return self.output_proj(sample_levels(value, shapes, locations, weights))
+
+
+class EncoderLayer(nn.Module):
+    """Deformable self-attention over all levels, then an FFN; each added and post-normed."""
+
+    def __init__(self, *, dim: int, ffn_dim: int):
+        super().__init__()
+        self.self_attn = DeformableAttention(dim=dim)
+        self.attn_norm = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
+        self.ffn_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, pos: Tensor, reference: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+        """x (B, L, C), pos (L, C), reference (L, 2) -> (B, L, C). Positions go to the query only."""
+        x = self.attn_norm(x + self.self_attn(x + pos, x, reference, shapes))
+        return self.ffn_norm(x + self.ffn(x))
 
 
 class PixelDecoder(nn.Module):
-    """A top-down FPN over the four ViT maps.
+    """mmdet's MSDeformAttnPixelDecoder as the Rein config builds it.
 
-    Gives the decoder three memories (strides 32, 16, 8), each with its sine positions and a
-    learned level embedding, and the per-pixel mask features at stride 4.
+    The three deepest maps, projected to `dim` channels at strides 32, 16 and 8, go through
+    `encoder_layers` deformable-attention layers together; the shallowest map becomes the
+    stride-4 mask features, with the stride-8 result added. With `encoder_layers=0` the
+    projected maps go straight to the transformer decoder.
     """
 
-    def __init__(self, *, in_dim: int, dim: int):
+    def __init__(self, *, in_dim: int, dim: int, encoder_layers: int):
         super().__init__()
-        self.lateral = nn.ModuleList(
-            ConvNorm(in_dim=in_dim, dim=dim, kernel_size=1, relu=False) for _ in range(4)
-        )
-        self.output = nn.ModuleList(
-            ConvNorm(in_dim=dim, dim=dim, kernel_size=3, relu=True) for _ in range(4)
-        )
-        self.mask_features = nn.Conv2d(dim, dim, 1)
-        self.level_embed = nn.Embedding(NUM_LEVELS, dim)
+        self.input_convs = nn.ModuleList(ConvGN(in_dim=in_dim, dim=dim) for _ in range(NUM_LEVELS))
+        self.level_encoding = nn.Embedding(NUM_LEVELS, dim)
+        self.encoder = nn.ModuleList(EncoderLayer(dim=dim, ffn_dim=4 * dim) for _ in range(encoder_layers))
+        self.lateral_conv = ConvGN(in_dim=in_dim, dim=dim, bias=False)
+        self.output_conv = ConvGN(in_dim=dim, dim=dim, kernel_size=3, bias=False)
+        self.mask_feature = nn.Conv2d(dim, dim, 1)
 
-    def forward(self, maps: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int]], Tensor]:
-        """maps: (B, in_dim, H/s, W/s) for s = 4, 8, 16, 32.
+    def forward(self, maps: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """maps: 4 x (B, in_dim, h, w), the ViT's features from shallow to deep, at its patch grid.
 
-        Returns memories [(B, h*w, dim)] and positions [(1, h*w, dim)] for strides 32, 16, 8,
-        their sizes [(h, w)], and the mask features (B, dim, H/4, W/4).
+        Returns the memories (B, dim, h_l, w_l) at strides 32, 16, 8 (h/2, h, 2h for patch 16)
+        and the mask features (B, dim, 4h, 4w).
         """
-        x = self.lateral[3](maps[3])
-        outputs = [self.output[3](x)]
-        for i in (2, 1, 0):  # top-down: coarse semantics flow into finer maps
-            lateral = self.lateral[i](maps[i])
-            x = lateral + F.interpolate(x, size=lateral.shape[-2:], mode="nearest")
-            outputs.append(self.output[i](x))
-        memories, positions, sizes = [], [], []
-        for level, feature in enumerate(outputs[:NUM_LEVELS]):
-            B, C, h, w = feature.shape
-            memory = feature.flatten(2).transpose(1, 2)  # (B, h*w, C)
-            memories.append(memory + self.level_embed.weight[level])
-            positions.append(sine_position(h, w, C, feature.device)[None])  # (1, h*w, C)
-            sizes.append((h, w))
-        return memories, positions, sizes, self.mask_features(outputs[-1])
+        # The deepest map becomes stride 32, the next ones 16 and 8, as the official backbone
+        # resizes them (x0.5, x1, x2), but projected first (see ConvGN).
+        levels = [conv(m, scale) for conv, m, scale in zip(self.input_convs, maps[:0:-1], (0.5, 1, 2))]
+        B, C = levels[0].shape[:2]
+        shapes = [tuple(level.shape[-2:]) for level in levels]
+        x = torch.cat([level.flatten(2) for level in levels], dim=2).transpose(1, 2)  # (B, sum h*w, C)
+        pos = torch.cat([sine_position(h, w, C, x.device) + self.level_encoding.weight[i]
+                         for i, (h, w) in enumerate(shapes)])  # (sum h*w, C)
+        reference = torch.cat([pixel_centres(h, w, x.device) for h, w in shapes])  # (sum h*w, 2)
+        for layer in self.encoder:
+            x = layer(x, pos, reference, shapes)
+        memories = [m.transpose(1, 2).reshape(B, C, h, w)  # (B, h*w, C) -> (B, C, h, w)
+                    for m, (h, w) in zip(x.split([h * w for h, w in shapes], dim=1), shapes)]
+        fine = self.lateral_conv(maps[0], scale=4)  # stride 4
+        fine = fine + F.interpolate(memories[-1], size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        return memories, self.mask_feature(F.relu(self.output_conv(fine)))
 
 
 # ---------------------------------------------------------------- transformer decoder
 
 
 class Attention(nn.Module):
-    """Multi-head attention; `attend` (B, Lq, Lk) bool, True where a query may attend."""
+    """Multi-head attention with nn.MultiheadAttention's parameters: q, k and v projections
+    stacked in one `in_proj`, then `out_proj`."""
 
     def __init__(self, *, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
+        self.in_proj = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attend: Tensor | None = None) -> Tensor:
-        """query (B, Lq, C), key and value (B, Lk, C) -> (B, Lq, C)."""
+        """query (B, Lq, C), key and value (B, Lk, C), attend (B, Lq, Lk) bool -> (B, Lq, C)."""
         B, Lq, C = query.shape
-        heads = self.num_heads
-        q = self.q(query).view(B, Lq, heads, C // heads).transpose(1, 2)  # (B, heads, Lq, C/heads)
-        k = self.k(key).view(B, -1, heads, C // heads).transpose(1, 2)  # (B, heads, Lk, C/heads)
-        v = self.v(value).view(B, -1, heads, C // heads).transpose(1, 2)  # (B, heads, Lk, C/heads)
-        mask = None if attend is None else attend[:, None]  # (B, 1, Lq, Lk), same for every head
+        weights, biases = self.in_proj.weight.chunk(3), self.in_proj.bias.chunk(3)
+        q, k, v = (F.linear(x, w, b).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, heads, L, C/heads)
+                   for x, w, b in zip((query, key, value), weights, biases))
+        mask = None if attend is None else attend[:, None]  # (B, 1, Lq, Lk), the same for every head
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, Lq, C/heads)
-        return self.proj(x.transpose(1, 2).reshape(B, Lq, C))  # (B, Lq, C)
+        return self.out_proj(x.transpose(1, 2).reshape(B, Lq, C))
 
 
 class DecoderLayer(nn.Module):
-    """Masked cross-attention, self-attention, FFN; each post-norm, as in Mask2Former.
+    """Masked cross-attention, self-attention, FFN; each added and post-normed.
 
     Positions are added to queries and keys, never to values.
     """
@@ -139,25 +307,28 @@ class DecoderLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Linear(ffn_dim, dim))
         self.ffn_norm = nn.LayerNorm(dim)
 
-    def forward(
-        self, query: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor, attend: Tensor
-    ) -> Tensor:
-        """query, query_pos (B, Q, C); memory (B, h*w, C); memory_pos (1, h*w, C); attend (B, Q, h*w)."""
-        attended = self.cross_attn(query + query_pos, memory + memory_pos, memory, attend)
-        query = self.cross_norm(query + attended)
+    def forward(self, query: Tensor, query_pos: Tensor, memory: Tensor, memory_pos: Tensor,
+                attend: Tensor) -> Tensor:
+        """query, query_pos (B, Q, C); memory (B, h*w, C); memory_pos (h*w, C); attend (B, Q, h*w)."""
+        query = self.cross_norm(query + self.cross_attn(query + query_pos, memory + memory_pos, memory, attend))
         q = query + query_pos
         query = self.self_norm(query + self.self_attn(q, q, query))
         return self.ffn_norm(query + self.ffn(query))
 
 
-def attention_mask(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """Where each query may attend next: its mask, resized to `size`, has sigmoid > 0.5.
+def mask_logits(embedding: Tensor, features: Tensor) -> Tensor:
+    """Masks of the queries: embedding (B, Q, C) times features (B, C, h, w) -> (B, Q, h, w)."""
+    return torch.einsum("bqc,bchw->bqhw", embedding, features)
 
-    (B, Q, h, w) logits -> (B, Q, size[0]*size[1]) bool. A query whose mask is empty attends
-    everywhere: it has nothing to focus on, and an all-False row would make attention NaN.
+
+def attention_mask(embedding: Tensor, features: Tensor) -> Tensor:
+    """Where each query may attend next: its mask, at the size of `features`, has sigmoid >= 0.5.
+
+    embedding (B, Q, C), features (B, C, h, w): the mask features resized to the level ->
+    (B, Q, h*w) bool. A query whose mask is empty attends everywhere: it has nothing to
+    focus on, and an all-False row would make attention NaN.
     """
-    mask = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
-    attend = mask.flatten(2) > 0  # (B, Q, h*w); sigmoid(x) > 0.5 exactly when x > 0
+    attend = mask_logits(embedding, features).flatten(2).sigmoid() >= 0.5  # (B, Q, h*w)
     return attend | ~attend.any(-1, keepdim=True)
 
 
@@ -167,101 +338,79 @@ def attention_mask(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
 class MaskHead(nn.Module):
     """Pixel decoder + masked-attention decoder predicting a class and a mask per query.
 
-    With `rein_queries`, the query features are `query_feat(Q)` (a Linear) and the query
-    positions are Q itself, where Q (num_queries, dim) comes from Rein (FACTS.md section 1);
-    otherwise both are learned embeddings.
+    With `rein_queries`, the query features are `query_proj(Q)` (a Linear) and the query
+    positions are Q itself, where Q (num_queries, dim) comes from Rein (rein.py); otherwise
+    both are learned embeddings, as in plain Mask2Former. The paper: `encoder_layers=6`,
+    `decoder_layers=9`, `dim=256`, 8 heads, FFNs of 4 * dim in the encoder, 8 * dim in the decoder.
     """
 
-    def __init__(
-        self,
-        *,
-        in_dim: int,
-        num_classes: int = 19,
-        num_queries: int = 100,
-        dim: int = 256,
-        num_layers: int = 9,
-        num_heads: int = 8,
-        ffn_dim: int = 2048,
-        rein_queries: bool = False,
-    ):
+    def __init__(self, *, in_dim: int, num_classes: int = 19, num_queries: int = 100, dim: int = 256,
+                 decoder_layers: int = 9, encoder_layers: int = 6, num_heads: int = 8, rein_queries: bool = False):
         super().__init__()
-        if num_classes < 1 or num_queries < 1 or num_layers < NUM_LEVELS:
-            raise ValueError(
-                f"MaskHead: num_classes and num_queries must be >= 1 and num_layers >= {NUM_LEVELS} (one pass "
-                f"over every level, or a level would get no gradient); got {num_classes}, {num_queries} and "
-                f"{num_layers}."
-            )
-        if dim % 4 or dim % num_heads:
-            raise ValueError(
-                f"MaskHead: dim must be a multiple of 4 (sine positions) and of "
-                f"num_heads={num_heads}; got {dim}."
-            )
-        self.in_dim, self.dim, self.num_queries = in_dim, dim, num_queries
+        if decoder_layers < NUM_LEVELS:
+            raise ValueError(f"MaskHead: decoder_layers must be >= {NUM_LEVELS} (one pass over every level, "
+                             f"or a level would get no gradient); got {decoder_layers}")
         self.rein_queries = rein_queries
-        self.pixel_decoder = PixelDecoder(in_dim=in_dim, dim=dim)
+        self.pixel_decoder = PixelDecoder(in_dim=in_dim, dim=dim, encoder_layers=encoder_layers)
+        self.level_embed = nn.Embedding(NUM_LEVELS, dim)
         if rein_queries:
-            self.query_feat = nn.Linear(dim, dim)
+            self.query_proj = nn.Linear(dim, dim)
         else:
             self.query_feat = nn.Embedding(num_queries, dim)
             self.query_embed = nn.Embedding(num_queries, dim)
-        self.layers = nn.ModuleList(
-            DecoderLayer(dim=dim, num_heads=num_heads, ffn_dim=ffn_dim) for _ in range(num_layers)
-        )
-        self.decoder_norm = nn.LayerNorm(dim)
-        self.class_embed = nn.Linear(dim, num_classes + 1)  # the last class is "no object"
-        self.mask_embed = nn.Sequential(
-            nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(dim=dim, num_heads=num_heads, ffn_dim=8 * dim)
+                                    for _ in range(decoder_layers))
+        self.post_norm = nn.LayerNorm(dim)
+        self.cls_embed = nn.Linear(dim, num_classes + 1)  # the last class is "no object"
+        self.mask_embed = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(),
+                                        nn.Linear(dim, dim))
+        # mmdet's initialisation: Xavier for the transformers' matrices (deformable attention
+        # keeps its own), Kaiming-uniform (a = 1) for the convolutions after the encoder.
+        for layer in [*self.layers, *(layer.ffn for layer in self.pixel_decoder.encoder)]:
+            for p in layer.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        for conv in (self.pixel_decoder.lateral_conv.conv, self.pixel_decoder.output_conv.conv,
+                     self.pixel_decoder.mask_feature):
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+        nn.init.zeros_(self.pixel_decoder.mask_feature.bias)
 
-    def forward(self, maps: list[Tensor], queries: Tensor | None = None) -> Predictions:
-        """maps: 4 x (B, in_dim, H/s, W/s), s = 4, 8, 16, 32; queries: (num_queries, dim) or None.
+    def forward(self, maps: list[Tensor], queries: Tensor | None = None) -> tuple[Predictions, Tensor]:
+        """maps: 4 x (B, in_dim, h, w) from the backbone; queries: (num_queries, dim) from Rein, or None.
 
-        Returns num_layers + 1 pairs (class logits (B, Q, K+1), mask logits (B, Q, H/4, W/4)):
-        after the query init and after each layer; the last is the final prediction.
+        Returns decoder_layers + 1 pairs (class logits (B, Q, K+1), mask embeddings (B, Q, dim)),
+        after the query init and after each layer (the last is the final prediction), and the
+        mask features (B, dim, 4h, 4w): `mask_logits` of the two gives the masks.
         """
-        self._check_inputs(maps, queries)
-        memories, positions, sizes, mask_features = self.pixel_decoder(maps)
-        B = maps[0].shape[0]
+        memories, mask_features = self.pixel_decoder(maps)
+        keys, key_pos, level_features = [], [], []
+        for level, memory in enumerate(memories):
+            _, C, h, w = memory.shape
+            keys.append(memory.flatten(2).transpose(1, 2) + self.level_embed.weight[level])  # (B, h*w, C)
+            key_pos.append(sine_position(h, w, C, memory.device))  # (h*w, C)
+            # Mask2Former resizes every mask to the level for the attention mask; resizing the
+            # features instead is the same (masks are linear in them) and far smaller.
+            level_features.append(F.interpolate(mask_features.detach(), size=(h, w), mode="bilinear",
+                                                align_corners=False))
+        B = mask_features.shape[0]
         if self.rein_queries:
-            query = self.query_feat(queries)[None].expand(B, -1, -1)  # (B, Q, dim)
             query_pos = queries[None].expand(B, -1, -1)  # (B, Q, dim)
+            query = self.query_proj(query_pos)
         else:
-            query = self.query_feat.weight[None].expand(B, -1, -1)  # (B, Q, dim)
             query_pos = self.query_embed.weight[None].expand(B, -1, -1)  # (B, Q, dim)
-        predictions = [self.predict(query, mask_features)]
+            query = self.query_feat.weight[None].expand(B, -1, -1)
+        predictions = [self.predict(query)]
         for i, layer in enumerate(self.layers):
             level = i % NUM_LEVELS
-            attend = attention_mask(predictions[-1][1], sizes[level])
-            query = layer(query, query_pos, memories[level], positions[level], attend)
-            predictions.append(self.predict(query, mask_features))
-        return predictions
+            attend = attention_mask(predictions[-1][1].detach(), level_features[level])
+            query = layer(query, query_pos, keys[level], key_pos[level], attend)
+            predictions.append(self.predict(query))
+        return predictions, mask_features
 
-    def predict(self, query: Tensor, mask_features: Tensor) -> tuple[Tensor, Tensor]:
-        """query (B, Q, dim), mask features (B, dim, h, w) -> class (B, Q, K+1), masks (B, Q, h, w)."""
-        x = self.decoder_norm(query)
-        mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(x), mask_features)
-        return self.class_embed(x), mask_logits
-
-    def _check_inputs(self, maps: list[Tensor], queries: Tensor | None) -> None:
-        expected = f"4 feature maps (strides 4, 8, 16, 32) of shape (B, in_dim={self.in_dim}, h, w)"
-        if not isinstance(maps, (list, tuple)) or len(maps) != 4:
-            got = f"{len(maps)} maps" if isinstance(maps, (list, tuple)) else type(maps).__name__
-            raise ValueError(f"MaskHead.forward: maps must be a list of {expected}; got {got}.")
-        for i, m in enumerate(maps):
-            if m.ndim != 4 or m.shape[1] != self.in_dim or m.shape[0] != maps[0].shape[0]:
-                raise ValueError(
-                    f"MaskHead.forward: maps must be {expected} with one batch size; "
-                    f"map {i} has shape {tuple(m.shape)}."
-                )
-        if self.rein_queries and queries is None:
-            raise ValueError("MaskHead.forward: rein_queries=True needs the queries from Rein; got None.")
-        if not self.rein_queries and queries is not None:
-            raise ValueError("MaskHead.forward: queries were given but the head has rein_queries=False.")
-        if queries is not None and tuple(queries.shape) != (self.num_queries, self.dim):
-            raise ValueError(
-                f"MaskHead.forward: queries must have shape (num_queries={self.num_queries}, "
-                f"dim={self.dim}); got {tuple(queries.shape)}."
-            )
+    def predict(self, query: Tensor) -> tuple[Tensor, Tensor]:
+        """query (B, Q, dim) -> class logits (B, Q, K+1) and mask embeddings (B, Q, dim)."""
+        x = self.post_norm(query)
+        return self.cls_embed(x), self.mask_embed(x)
 
 
 # ---------------------------------------------------------------- matching
@@ -352,75 +501,62 @@ def _shortest_augmenting_paths(cost: np.ndarray) -> np.ndarray:
     return col4row
 
 
-# ---------------------------------------------------------------- criterion
+# ---------------------------------------------------------------- the set loss
+
+
+def point_sample(masks: Tensor, points: Tensor) -> Tensor:
+    """Bilinear values of masks (N, h, w) at points (N, P, 2), (x, y) in [-1, 1] -> (N, P)."""
+    return F.grid_sample(masks[:, None], points[:, :, None], align_corners=False)[:, 0, :, 0]
 
 
 class SetCriterion(nn.Module):
-    """Mask2Former's set loss: Hungarian matching, then class, mask BCE and dice losses.
+    """Mask2Former's set loss, with mmdet's weights.
 
-    Every prediction (deep supervision) is matched and supervised on its own; the mask
-    terms use `num_points` points per mask, never full-resolution masks.
+    For each of the head's predictions (deep supervision): match queries to the classes
+    present in each image (Hungarian, on class probability, mask BCE and dice), then a
+    class loss over all queries ("no object" for the unmatched ones) and BCE and dice
+    losses of the matched masks on `num_points` points, never on full-resolution masks.
     """
 
-    def __init__(
-        self,
-        *,
-        num_classes: int,
-        num_points: int = 12544,
-        oversample_ratio: float = 3.0,
-        importance_ratio: float = 0.75,
-        class_weight: float = 2.0,
-        mask_weight: float = 5.0,
-        dice_weight: float = 5.0,
-        no_object_weight: float = 0.1,
-    ):
+    def __init__(self, *, num_classes: int, num_points: int = 12544, oversample_ratio: float = 3.0,
+                 importance_ratio: float = 0.75, class_weight: float = 2.0, mask_weight: float = 5.0,
+                 dice_weight: float = 5.0, no_object_weight: float = 0.1):
         super().__init__()
-        if not 1 <= num_classes < IGNORE:
-            raise ValueError(
-                f"SetCriterion: num_classes must be in 1..{IGNORE - 1} ({IGNORE} is the ignore label); "
-                f"got {num_classes}."
-            )
-        if num_points < 1 or oversample_ratio < 1 or not 0 <= importance_ratio <= 1:
-            raise ValueError(
-                f"SetCriterion: need num_points >= 1, oversample_ratio >= 1 and 0 <= importance_ratio <= 1; "
-                f"got {num_points}, {oversample_ratio} and {importance_ratio}."
-            )
         self.num_classes, self.num_points = num_classes, num_points
         self.oversample_ratio, self.importance_ratio = oversample_ratio, importance_ratio
         self.class_weight, self.mask_weight, self.dice_weight = class_weight, mask_weight, dice_weight
-        self.no_object_weight = no_object_weight
+        self.register_buffer("ce_weight", torch.tensor([1.0] * num_classes + [no_object_weight]), persistent=False)
 
-    def forward(self, predictions: Predictions, labels: Tensor) -> dict[str, Tensor]:
-        """predictions: L x (class (B, Q, K+1), masks (B, Q, h, w)); labels (B, H, W) int64.
+    def forward(self, predictions: Predictions, mask_features: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """predictions: L x (class (B, Q, K+1), mask embeddings (B, Q, C)); mask_features (B, C, h, w);
+        labels (B, H, W) int64.
 
-        Returns float32 scalars: 'loss' (weighted total) and 'loss_ce', 'loss_mask',
+        Returns float32 scalars: 'loss' (the weighted total) and 'loss_ce', 'loss_mask',
         'loss_dice', each summed over the L predictions.
         """
         targets = self.targets(labels)
-        self._check_predictions(predictions, labels)
-        with torch.autocast(labels.device.type, enabled=False):  # losses in float32 under bf16
-            logits = [(c.float(), m.float()) for c, m in predictions]
-            matches = self.match(logits, targets)
-            class_targets, class_weights = self.class_targets(logits, targets, matches)
-            num_masks, weight_sums = self.normalisers(targets, class_weights)
-            loss_ce = self.class_loss(logits, class_targets, class_weights, weight_sums)
-            loss_mask, loss_dice = self.mask_losses(logits, targets, matches, num_masks)
+        with torch.autocast(labels.device.type, enabled=False):  # the loss in float32 under bf16
+            predictions = [(c.float(), e.float()) for c, e in predictions]
+            features = mask_features.float()
+            matches = self.match(predictions, features, targets)  # per image (L, T): the query of each target
+            num_masks, ce_weight_sum = self.normalisers(targets, num_queries=predictions[0][0].shape[1])
+            per_prediction = []
+            for i, (class_logits, embedding) in enumerate(predictions):
+                queries = [match[i] for match in matches]  # per image (T,), -1 for an unmatched target
+                loss_mask, loss_dice = self.mask_losses(embedding, features, targets, queries)
+                per_prediction.append(torch.stack([self.class_loss(class_logits, targets, queries) / ce_weight_sum,
+                                                   loss_mask / num_masks, loss_dice / num_masks]))
+            loss_ce, loss_mask, loss_dice = torch.stack(per_prediction).sum(0)
         loss = self.class_weight * loss_ce + self.mask_weight * loss_mask + self.dice_weight * loss_dice
         return {"loss": loss, "loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice}
 
     def targets(self, labels: Tensor) -> Targets:
         """labels (B, H, W) -> per image (classes (T,), masks (T, H, W) float), one mask per class present."""
-        if labels.ndim != 3 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise ValueError(
-                f"SetCriterion: labels must be integer (B, H, W); got {labels.dtype} {tuple(labels.shape)}."
-            )
         values = labels.unique()
         bad = values[(values < 0) | ((values >= self.num_classes) & (values != IGNORE))]
         if bad.numel():
-            raise ValueError(
-                f"SetCriterion: labels must hold class ids 0..{self.num_classes - 1} or {IGNORE} (ignore); "
-                f"found {bad.tolist()}."
-            )
+            raise ValueError(f"SetCriterion: labels must hold class ids 0..{self.num_classes - 1} or {IGNORE} "
+                             f"(ignore); found {bad.tolist()}.")
         targets = []
         for label in labels:
             classes = label.unique()
@@ -429,129 +565,92 @@ class SetCriterion(nn.Module):
         return targets
 
     @torch.no_grad()
-    def match(self, logits: Predictions, targets: Targets) -> list[Tensor]:
+    def match(self, predictions: Predictions, features: Tensor, targets: Targets) -> list[Tensor]:
         """Per image int64 (L, T): the query matched to each target in each prediction, -1 if none.
 
-        The L cost matrices of an image go to the CPU together and are solved in one batch.
+        The cost is 2 * (-class probability) + 5 * mask BCE + 5 * dice, the mask terms on
+        random points shared by queries and targets. An image's L cost matrices go to the
+        CPU together and are solved in one batch.
         """
+        L, P = len(predictions), self.num_points
         matches = []
         for b, (classes, masks) in enumerate(targets):
-            cost = self.match_cost(logits, b, classes, masks).cpu().numpy()  # (L, Q, T)
-            rows, cols = linear_sum_assignment_batch(cost)  # queries (L, n), targets (L, n)
-            query = np.full((cost.shape[0], cost.shape[2]), -1)  # (L, T)
+            if not len(classes):  # no labelled pixel
+                matches.append(torch.empty(L, 0, dtype=torch.int64, device=classes.device))
+                continue
+            prob = torch.stack([c[b] for c, _ in predictions]).softmax(-1)  # (L, Q, K+1)
+            points = torch.rand(L, P, 2, device=features.device) * 2 - 1  # one set per prediction
+            embedding = torch.stack([e[b] for _, e in predictions])  # (L, Q, C)
+            pred = mask_logits(embedding, features[b:b + 1].expand(L, -1, -1, -1))  # (L, Q, h, w), no gradient
+            pred = F.grid_sample(pred, points[:, None], align_corners=False)[:, :, 0]  # (L, Q, P)
+            target = F.grid_sample(masks[None], points[None], align_corners=False)[0].transpose(0, 1)  # (L, T, P)
+            # BCE(x, t) = softplus(x) - x * t, so its mean over the points is one contraction.
+            cost_mask = (F.softplus(pred).sum(-1, keepdim=True) - torch.einsum("lqp,ltp->lqt", pred, target)) / P
+            sig = pred.sigmoid()
+            overlap = torch.einsum("lqp,ltp->lqt", sig, target)
+            cost_dice = 1 - (2 * overlap + 1) / (sig.sum(-1)[:, :, None] + target.sum(-1)[:, None, :] + 1)
+            cost = -self.class_weight * prob[:, :, classes] + self.mask_weight * cost_mask + self.dice_weight * cost_dice
+            rows, cols = linear_sum_assignment_batch(cost.cpu().numpy())  # queries (L, n), targets (L, n)
+            query = np.full((L, len(classes)), -1)
             np.put_along_axis(query, cols, rows, 1)
             matches.append(torch.from_numpy(query).to(classes.device))
         return matches
 
-    def match_cost(self, logits: Predictions, b: int, classes: Tensor, masks: Tensor) -> Tensor:
-        """Image b's matching costs (L, Q, T); mask terms on random points shared by prediction and target."""
-        L, P = len(logits), self.num_points
-        prob = torch.stack([c[b] for c, _ in logits]).softmax(-1)  # (L, Q, K+1)
-        pred = torch.stack([m[b] for _, m in logits])  # (L, Q, h, w)
-        points = torch.rand(L, 1, P, 2, device=pred.device) * 2 - 1  # grid_sample's [-1, 1] coordinates
-        pred = F.grid_sample(pred, points, align_corners=False).flatten(2)  # (L, Q, 1, P) -> (L, Q, P)
-        # Every target at every prediction's points: grid (1, L, P, 2) -> (1, T, L, P).
-        target = F.grid_sample(masks[None], points.view(1, L, P, 2), align_corners=False)[0]  # (T, L, P)
-        target = target.transpose(0, 1)  # (L, T, P)
-        cost_class = -prob[:, :, classes]  # (L, Q, T)
-        # BCE(x, t) = softplus(x) - x * t, so its mean over the points is one contraction.
-        cross = torch.einsum("lqp,ltp->lqt", pred, target)
-        cost_mask = (F.softplus(pred).sum(-1)[:, :, None] - cross) / P
-        sig = pred.sigmoid()
-        overlap = torch.einsum("lqp,ltp->lqt", sig, target)
-        cost_dice = 1 - (2 * overlap + 1) / (sig.sum(-1)[:, :, None] + target.sum(-1)[:, None, :] + 1)
-        return self.class_weight * cost_class + self.mask_weight * cost_mask + self.dice_weight * cost_dice
+    def normalisers(self, targets: Targets, *, num_queries: int) -> tuple[Tensor, Tensor]:
+        """The number of matched masks and the total class-loss weight of one prediction, per rank.
 
-    def class_targets(self, logits: Predictions, targets: Targets, matches: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Each query's class target (L, B, Q), "no object" where unmatched, and its CE weight (L, B, Q)."""
-        L, (B, Q, K1) = len(logits), logits[0][0].shape
-        target = torch.full((L, B, Q), K1 - 1, device=logits[0][0].device)  # "no object"
-        for b, ((classes, _), query) in enumerate(zip(targets, matches)):
-            layer, t = (query >= 0).nonzero(as_tuple=True)
-            target[layer, b, query[layer, t]] = classes[t]
-        weight = torch.ones(K1, device=target.device)
-        weight[-1] = self.no_object_weight
-        return target, weight[target]
-
-    def normalisers(self, targets: Targets, class_weights: Tensor) -> tuple[Tensor, Tensor]:
-        """The number of target masks and each prediction's CE weight total (L,), per rank.
-
-        Both are the batch's totals divided by the number of ranks (one all-reduce), so the
-        ranks' losses, averaged by DDP, equal the loss of the whole batch on one process.
+        Both are the whole batch's totals divided by the number of ranks (one all-reduce), so
+        that the ranks' losses, averaged by DDP, equal the loss of the batch on one process.
         """
-        num_masks = torch.tensor([float(sum(classes.numel() for classes, _ in targets))], device=class_weights.device)
-        totals = torch.cat([num_masks, class_weights.flatten(1).sum(1)])  # (1 + L,)
+        matched = sum(min(len(classes), num_queries) for classes, _ in targets)
+        unmatched = len(targets) * num_queries - matched
+        device = self.ce_weight.device
+        totals = torch.tensor([matched, matched + unmatched * self.ce_weight[-1].item()], device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
             totals = totals / dist.get_world_size()
-        return totals[0].clamp(min=1), totals[1:]
+        return totals[0].clamp(min=1), totals[1]
 
-    def class_loss(self, logits: Predictions, target: Tensor, weight: Tensor, weight_sums: Tensor) -> Tensor:
-        """Weighted cross-entropy, a weighted mean per prediction, summed over predictions.
+    def class_loss(self, class_logits: Tensor, targets: Targets, queries: list[Tensor]) -> Tensor:
+        """Weighted cross-entropy summed over every query: unmatched ones learn "no object" (weight 0.1)."""
+        B, Q, K1 = class_logits.shape
+        target = torch.full((B, Q), K1 - 1, device=class_logits.device)
+        for b, ((classes, _), query) in enumerate(zip(targets, queries)):
+            target[b, query[query >= 0]] = classes[query >= 0]
+        return F.cross_entropy(class_logits.flatten(0, 1), target.flatten(), weight=self.ce_weight, reduction="sum")
 
-        Unmatched queries learn "no object" at weight 0.1.
-        """
-        class_logits = torch.stack([c for c, _ in logits])  # (L, B, Q, K+1)
-        ce = F.cross_entropy(class_logits.flatten(0, 2), target.flatten(), reduction="none")  # (L*B*Q,)
-        return ((ce * weight.flatten()).view(len(logits), -1).sum(1) / weight_sums).sum()
-
-    def mask_losses(
-        self, logits: Predictions, targets: Targets, matches: list[Tensor], num_masks: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Sigmoid BCE and dice of every matched mask on its uncertain points, summed / num_masks."""
-        P = self.num_points
-        pred_points, target_points = [], []
-        for b, ((classes, masks), query) in enumerate(zip(targets, matches)):
-            T, L = classes.numel(), len(logits)
-            if T == 0:
-                continue
-            # One slot per (target, prediction). A slot with no query (more targets than
-            # queries) borrows query 0 and is dropped after sampling.
-            pred = torch.stack([m[b, q.clamp(min=0)] for (_, m), q in zip(logits, query)], 1)  # (T, L, h, w)
-            pred = pred.flatten(0, 1)[:, None]  # (T*L, 1, h, w)
-            keep = (query >= 0).T.flatten()  # (T*L,)
-            points = self.uncertain_points(pred)  # (T*L, 1, P, 2)
-            pred = F.grid_sample(pred, points, align_corners=False)  # (T*L, 1, 1, P)
-            pred_points.append(pred.flatten(1)[keep])  # (n, P)
-            # Target t is sampled at the points of its L slots: grid (T, L, P, 2) -> (T, 1, L, P).
-            target = F.grid_sample(masks[:, None], points.view(T, L, P, 2), align_corners=False)
-            target_points.append(target.view(T * L, P)[keep])  # (n, P)
-        if not pred_points:
+    def mask_losses(self, embedding: Tensor, features: Tensor, targets: Targets,
+                    queries: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Sigmoid BCE and dice of every matched mask on its most uncertain points, summed."""
+        pred = torch.cat([mask_logits(embedding[b, query[query >= 0]][None], features[b:b + 1])[0]
+                          for b, query in enumerate(queries)])  # (n, h, w): the matched masks only
+        target = torch.cat([masks[query >= 0] for (_, masks), query in zip(targets, queries)])  # (n, H, W)
+        if not len(pred):
             # No labelled pixel in the batch. DDP needs every parameter in the graph on every
             # step, so return zeros that still depend on the masks.
-            zero = sum(m.sum() for _, m in logits) * 0.0
+            zero = (embedding.sum() + features.sum()) * 0.0
             return zero, zero
-        x, t = torch.cat(pred_points), torch.cat(target_points)  # (n, P) each
-        loss_mask = F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1).sum() / num_masks
+        points = self.uncertain_points(pred)  # (n, P, 2)
+        x, t = point_sample(pred, points), point_sample(target, points)  # (n, P) each
+        loss_mask = F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1).sum()
         sig = x.sigmoid()
-        dice = 1 - (2 * (sig * t).sum(1) + 1) / (sig.sum(1) + t.sum(1) + 1)  # (n,)
-        return loss_mask, dice.sum() / num_masks
+        loss_dice = (1 - (2 * (sig * t).sum(1) + 1) / (sig.sum(1) + t.sum(1) + 1)).sum()
+        return loss_mask, loss_dice
 
     @torch.no_grad()
     def uncertain_points(self, masks: Tensor) -> Tensor:
-        """masks (N, 1, h, w) logits -> (N, 1, P, 2) grid points.
+        """masks (N, h, w) logits -> (N, P, 2) points in [-1, 1].
 
         The importance_ratio * P most uncertain (|logit| smallest) of oversample_ratio * P
         random points, the rest uniformly random.
         """
         N, P = masks.shape[0], self.num_points
-        candidates = torch.rand(N, 1, int(P * self.oversample_ratio), 2, device=masks.device) * 2 - 1
-        certainty = F.grid_sample(masks, candidates, align_corners=False).abs().flatten(1)  # (N, kP)
-        num_uncertain = int(P * self.importance_ratio)
-        index = certainty.topk(num_uncertain, dim=1, largest=False).indices  # (N, num_uncertain)
-        uncertain = candidates[:, 0].gather(1, index[..., None].expand(-1, -1, 2))  # (N, num_uncertain, 2)
-        random = torch.rand(N, P - num_uncertain, 2, device=masks.device) * 2 - 1
-        return torch.cat([uncertain, random], 1)[:, None]  # (N, 1, P, 2)
-
-    def _check_predictions(self, predictions: Predictions, labels: Tensor) -> None:
-        B, K1 = labels.shape[0], self.num_classes + 1
-        for i, (c, m) in enumerate(predictions):
-            class_ok = c.ndim == 3 and c.shape[0] == B and c.shape[2] == K1
-            if not class_ok or m.ndim != 4 or m.shape[:2] != c.shape[:2]:
-                raise ValueError(
-                    f"SetCriterion: prediction {i} must be class logits (B={B}, Q, num_classes+1={K1}) "
-                    f"and mask logits (B, Q, h, w); got {tuple(c.shape)} and {tuple(m.shape)}."
-                )
+        candidates = torch.rand(N, int(P * self.oversample_ratio), 2, device=masks.device) * 2 - 1
+        certainty = point_sample(masks, candidates).abs()  # (N, kP)
+        index = certainty.topk(int(P * self.importance_ratio), dim=1, largest=False).indices
+        uncertain = candidates.gather(1, index[..., None].expand(-1, -1, 2))
+        random = torch.rand(N, P - index.shape[1], 2, device=masks.device) * 2 - 1
+        return torch.cat([uncertain, random], 1)
 
 
 # ---------------------------------------------------------------- inference
@@ -568,25 +667,36 @@ def semantic_inference(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
 # ---------------------------------------------------------------- benchmark
 
 
-def benchmark(repeats: int = 20) -> None:
-    """Time one training step's matching: 4 images x 10 predictions, 100 queries, 19 classes.
+def deformable_attention_per_level(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor,
+                                   weights: Tensor) -> Tensor:
+    """`sample_levels` the way mmcv's PyTorch path computes it: one grid_sample per level.
 
-    The tensors live on the GPU when there is one, as in training; the assignment always runs on the CPU.
+    The reference for `python mask_head.py` and the tests; same arguments and result.
     """
+    B, Lv, M, d = value.shape
+    _, Lq, _, L, P, _ = locations.shape
+    per_level = value.split([h * w for h, w in shapes], dim=1)
+    sampled = []
+    for level, (h, w) in enumerate(shapes):
+        maps = per_level[level].permute(0, 2, 3, 1).reshape(B * M, d, h, w)  # (B*M, d, h, w)
+        grid = locations[:, :, :, level].transpose(1, 2).flatten(0, 1) * 2 - 1  # (B*M, Lq, P, 2)
+        sampled.append(F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+    sampled = torch.stack(sampled, dim=-2).flatten(-2)  # (B*M, d, Lq, L*P)
+    attention = weights.transpose(1, 2).reshape(B * M, 1, Lq, L * P)
+    return (sampled * attention).sum(-1).view(B, M * d, Lq).transpose(1, 2)  # (B, Lq, M*d)
+
+
+def benchmark(repeats: int = 5) -> None:
+    """Deformable attention of the paper's pixel decoder (512 x 512 crops, batch 2), ours
+    against one grid_sample per level, forward and backward; then one training step's matching."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    B, L, Q, K = 4, 10, 100, 19
-    criterion = SetCriterion(num_classes=K)
-    logits = [(torch.randn(B, Q, K + 1), torch.randn(B, Q, 128, 128)) for _ in range(L)]
-    logits = [(c.to(device), m.to(device)) for c, m in logits]
-    blocks = torch.stack([torch.randperm(256).remainder(K).view(16, 16) for _ in range(B)])  # all K in each
-    labels = blocks.repeat_interleave(32, 1).repeat_interleave(32, 2).to(device)  # (B, 512, 512)
-    targets = criterion.targets(labels)
-    costs = [criterion.match_cost(logits, b, *target).cpu().numpy() for b, target in enumerate(targets)]
 
     def best_ms(fn) -> float:
         times = []
         for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
             fn()
             if device == "cuda":
@@ -594,10 +704,30 @@ def benchmark(repeats: int = 20) -> None:
             times.append(time.perf_counter() - start)
         return 1000 * min(times)
 
-    assign = best_ms(lambda: [linear_sum_assignment_batch(cost) for cost in costs])
-    match = best_ms(lambda: criterion.match(logits, targets))
-    print(f"{B} images x {L} predictions of {Q} queries x {K} targets, {criterion.num_points} points, "
+    B, M, d, P, shapes = 2, 8, 32, 4, [(16, 16), (32, 32), (64, 64)]
+    Lq = sum(h * w for h, w in shapes)
+    value = torch.randn(B, Lq, M, d, device=device, requires_grad=True)
+    locations = torch.rand(B, Lq, M, len(shapes), P, 2, device=device, requires_grad=True)
+    weights = torch.rand(B, Lq, M, len(shapes), P, device=device, requires_grad=True)
+    print(f"deformable attention, {Lq} queries x {M} heads x {len(shapes)} levels x {P} points, batch {B}, "
           f"{device}, {torch.get_num_threads()} threads, best of {repeats}:")
+    for name, fn in (("one grid_sample per level", deformable_attention_per_level), ("sample_levels", sample_levels)):
+        forward = best_ms(lambda: fn(value, shapes, locations, weights))
+        both = best_ms(lambda: fn(value, shapes, locations, weights).square().sum().backward())
+        print(f"  {name:26s} forward {forward:8.1f} ms, backward {both - forward:8.1f} ms")
+
+    B, L, Q, K = 4, 10, 100, 19
+    criterion = SetCriterion(num_classes=K).to(device)
+    predictions = [(torch.randn(B, Q, K + 1, device=device), torch.randn(B, Q, 256, device=device))
+                   for _ in range(L)]
+    features = torch.randn(B, 256, 128, 128, device=device)
+    blocks = torch.stack([torch.randperm(256).remainder(K).view(16, 16) for _ in range(B)])  # all K in each
+    labels = blocks.repeat_interleave(32, 1).repeat_interleave(32, 2).to(device)  # (B, 512, 512)
+    targets = criterion.targets(labels)
+    costs = [np.random.default_rng(b).random((L, Q, K)) for b in range(B)]
+    assign = best_ms(lambda: [linear_sum_assignment_batch(cost) for cost in costs])
+    match = best_ms(lambda: criterion.match(predictions, features, targets))
+    print(f"matching, {B} images x {L} predictions of {Q} queries x {K} targets, {criterion.num_points} points:")
     print(f"  assignment only               {assign:8.2f} ms")
     print(f"  whole matching (costs + LSA)  {match:8.2f} ms")
 

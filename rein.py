@@ -17,6 +17,8 @@ Semantic Segmentation" (Wei et al., CVPR 2024). The file reads in three parts:
 """
 
 import math
+import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import vit
-from mask_head import MaskHead, SetCriterion, semantic_inference
+from mask_head import MaskHead, SetCriterion, mask_logits, semantic_inference
 
 METHODS = ("rein", "freeze", "full")
 # The official configs take ViT-L's blocks 7, 11, 15, 23: a third, half, two thirds and all
@@ -49,7 +51,7 @@ class Rein(nn.Module):
 
     Notation of the paper: N blocks of width c, m tokens per block of rank r, queries of
     width q. Parameter names are those of the official release, so its weights load as
-    they are (see `load_official_rein`).
+    they are (see `from_official`).
     """
 
     def __init__(self, num_layers: int, dim: int, *, num_tokens: int = 100, rank: int = 16,
@@ -100,37 +102,13 @@ class Rein(nn.Module):
         return self.merge(pooled.flatten(-2))  # (m, 3q) -> (m, q)
 
 
-def load_official_rein(rein: Rein, path: str) -> Rein:
-    """Loads the `backbone.reins.*` weights of an official Rein release checkpoint, strictly."""
-    ckpt = vit.load_file(path, what="an official Rein checkpoint")
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
-    prefix = "backbone.reins."
-    reins = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not reins:
-        raise ValueError(f"{path} holds no {prefix}* weights; expected an official Rein release checkpoint")
-    own = rein.state_dict()
-    missing, unexpected = sorted(own.keys() - reins.keys()), sorted(reins.keys() - own.keys())
-    if missing or unexpected:
-        raise ValueError(f"{path}: the Rein weights do not match the low-rank Rein layer: missing {missing}, "
-                         f"unexpected {unexpected}")
-    for k, v in own.items():
-        if reins[k].shape != v.shape:
-            raise ValueError(
-                f"{path} holds Rein weights for another backbone: {prefix}{k} has shape {tuple(reins[k].shape)}, "
-                f"this model needs {tuple(v.shape)} (checkpoint: {reins['learnable_tokens_b'].shape[0]} blocks "
-                f"of width {reins['learnable_tokens_b'].shape[-1]}; model: {own['learnable_tokens_b'].shape[0]} "
-                f"blocks of width {own['learnable_tokens_b'].shape[-1]})")
-    rein.load_state_dict(reins, strict=True)
-    return rein
-
-
 # ---------------------------------------------------------------------------------------------
 # 2. The frozen ViT refined by Rein
 # ---------------------------------------------------------------------------------------------
 
 
 class ReinViT(nn.Module):
-    """A DINOv2 ViT whose blocks run one by one, with Rein (if any) after every block.
+    """A DINOv2 or DINOv3 ViT whose blocks run one by one, with Rein (if any) after every block.
 
     The ViT is frozen unless `train_vit` (the `full` method). A frozen ViT stays in eval
     mode and holds no gradients; the backward pass still flows through its blocks to the
@@ -161,27 +139,26 @@ class ReinViT(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> tuple[list[Tensor], Tensor | None]:
-        """Images (B, 3, H, W) -> four maps (B, c, 4h, 4w), (B, c, 2h, 2w), (B, c, h, w),
-        (B, c, h/2, w/2) for a patch grid h x w, and the queries (m, q) or None without Rein."""
+        """Images (B, 3, H, W) -> four maps (B, c, h, w) at the patch grid h x w, from blocks
+        at a third, half, two thirds and all of the depth, and the queries (m, q) or None
+        without Rein. The head resizes the maps to strides 4, 8, 16 and 32 itself."""
         prefix = self.vit.num_prefix_tokens
         maps = []
         # Under `freeze` nothing before the head trains, so no graph is needed at all.
         with torch.set_grad_enabled(torch.is_grad_enabled() and (self.rein is not None or self.train_vit)):
             x, (h, w) = self.vit.prepare_tokens(images)
+            rope = self.vit.rope(h, w)  # DINOv3's rotary positions; None for DINOv2
             for i, block in enumerate(self.vit.blocks):
                 if self.grad_ckpt and torch.is_grad_enabled():
-                    x = checkpoint(block, x, use_reentrant=False)
+                    x = checkpoint(block, x, rope, use_reentrant=False)
                 else:
-                    x = block(x)
+                    x = block(x, rope)
                 if self.rein is not None:
-                    # Class and register tokens pass unchanged; only the patches are refined.
+                    # Class, register and storage tokens pass unchanged; only the patches are refined.
                     x = torch.cat([x[:, :prefix], self.rein(x[:, prefix:], i)], dim=1)
                 if i in self.feature_blocks:
                     patches = x[:, prefix:].transpose(1, 2)  # (B, c, h*w)
                     maps.append(patches.reshape(x.shape[0], -1, h, w))  # (B, c, h, w)
-        # Strides 4, 8, 16, 32 for patch 16: bilinear x4, x2, x1, x0.5.
-        maps = [F.interpolate(m, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else m
-                for m, s in zip(maps, (4, 2, 1, 0.5))]
         return maps, self.rein.queries() if self.rein is not None else None
 
 
@@ -207,7 +184,8 @@ class Segmenter(nn.Module):
     def forward(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """The training losses for images (B, 3, H, W) and labels (B, H, W); 'loss' is the total."""
         maps, queries = self.backbone(images)
-        return self.criterion(self.head(maps, queries), labels)
+        predictions, mask_features = self.head(maps, queries)
+        return self.criterion(predictions, mask_features, labels)
 
     def loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """Same as calling the model; kept as a name for readers and for DDP, which wraps forward."""
@@ -216,10 +194,12 @@ class Segmenter(nn.Module):
     def predict(self, images: Tensor) -> Tensor:
         """Per-class scores (B, K, H, W) at the input resolution."""
         maps, queries = self.backbone(images)
-        class_logits, mask_logits = self.head(maps, queries)[-1]
+        predictions, mask_features = self.head(maps, queries)
+        class_logits, embedding = predictions[-1]
         # As in Mask2Former: the mask logits are resized to the input before the sigmoid.
-        mask_logits = F.interpolate(mask_logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return semantic_inference(class_logits, mask_logits)
+        masks = F.interpolate(mask_logits(embedding, mask_features), size=images.shape[-2:], mode="bilinear",
+                              align_corners=False)
+        return semantic_inference(class_logits, masks)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """What trains, and so what a checkpoint stores: Rein and the head for `rein`."""
@@ -259,22 +239,27 @@ def count_trainable(module: nn.Module) -> int:
 
 
 def parse_backbone(name: str) -> tuple[str, int]:
-    """'vitl14_reg4' -> ('vitl14', 4); 'vitl14' -> ('vitl14', 0)."""
+    """'vitl14_reg4' -> ('vitl14', 4); 'vitl14' -> ('vitl14', 0); 'dinov3_vitl16' -> ('dinov3_vitl16', 0)."""
     arch, _, reg = name.partition("_reg")
-    if arch not in vit.ARCHS or reg not in ("", "4"):
+    if arch not in vit.ARCHS or reg not in ("", "4") or (reg and vit.ARCHS[arch][0] != "dinov2"):
+        dinov2 = [a for a, spec in vit.ARCHS.items() if spec[0] == "dinov2"]
         raise ValueError(f"unknown backbone {name!r}; expected one of "
-                         f"{', '.join(a + s for a in vit.ARCHS for s in ('', '_reg4'))}")
+                         f"{', '.join(a + s for a in dinov2 for s in ('', '_reg4'))} (DINOv2) or "
+                         f"{', '.join(a for a in vit.ARCHS if a not in dinov2)} (DINOv3)")
     return arch, int(reg or 0)
 
 
-def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str | None = None,
+def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str | dict | None = None,
                 num_classes: int = 19, patch_size: int = 16, num_queries: int = 100, head_dim: int = 256,
-                head_layers: int = 9, num_points: int = 12544, grad_ckpt: bool = False) -> Segmenter:
-    """Builds the segmenter for `method` (rein, freeze or full) on a DINOv2 `backbone`.
+                head_layers: int = 9, encoder_layers: int = 6, num_points: int = 12544,
+                grad_ckpt: bool = False) -> Segmenter:
+    """Builds the segmenter for `method` (rein, freeze or full) on a DINOv2 or DINOv3 `backbone`.
 
-    `weights`: where the DINOv2 weights come from (see vit.load_dinov2); None gives a
-    random backbone, always the same one (tests and the CPU demo). `model.config` keeps
-    every argument except `grad_ckpt`, so that a checkpoint can rebuild the model.
+    `weights`: where the backbone's weights come from (see vit.load_pretrained); None gives a
+    random backbone, always the same one (tests and the CPU demo). `head_layers` and
+    `encoder_layers` are the head's transformer decoder and deformable encoder depths (9
+    and 6 in the paper). `model.config` keeps every argument except `grad_ckpt`, so that
+    a checkpoint can rebuild the model.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -288,17 +273,17 @@ def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str 
         # Built without memory and then given the checkpoint's tensors: no second copy.
         with torch.device("meta"):
             vit_model = vit.build_vit(arch, patch_size, registers)
-        vit.load_dinov2(vit_model, weights)
+        vit.load_pretrained(vit_model, weights)
     rein = None
     if method == "rein":
         rein = Rein(len(vit_model.blocks), vit_model.dim, num_tokens=num_queries, query_dim=head_dim,
                     patch_size=patch_size)
     backbone_module = ReinViT(vit_model, rein, train_vit=method == "full", grad_ckpt=grad_ckpt)
     head = MaskHead(in_dim=vit_model.dim, num_classes=num_classes, num_queries=num_queries, dim=head_dim,
-                    num_layers=head_layers, rein_queries=rein is not None)
+                    decoder_layers=head_layers, encoder_layers=encoder_layers, rein_queries=rein is not None)
     config = dict(method=method, backbone=backbone, weights=weights, num_classes=num_classes,
                   patch_size=patch_size, num_queries=num_queries, head_dim=head_dim, head_layers=head_layers,
-                  num_points=num_points)
+                  encoder_layers=encoder_layers, num_points=num_points)
     criterion = SetCriterion(num_classes=num_classes, num_points=num_points)
     model = Segmenter(backbone=backbone_module, head=head, criterion=criterion, config=config)
     if not (dist.is_initialized() and dist.get_rank() > 0):
@@ -306,3 +291,106 @@ def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str 
         print(f"{method} on {backbone}: {count_trainable(backbone_module):,} trainable parameters in the "
               f"backbone, {count_trainable(head):,} in the head; {frozen:,} frozen")
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The official release checkpoints
+# ---------------------------------------------------------------------------------------------
+
+# Our parameter names -> the official mmseg names, first match wins. The official release
+# stores Rein under backbone.reins.*, the head under decode_head.* (mmdet's Mask2Former).
+OFFICIAL_NAMES = (
+    (r"^backbone\.rein\.", "backbone.reins."),
+    (r"^backbone\.vit\.", "backbone."),
+    (r"^head\.query_proj\.", "decode_head.querys2feat."),
+    (r"^head\.post_norm\.", "decode_head.transformer_decoder.post_norm."),
+    (r"^head\.layers\.(\d+)\.(cross|self)_attn\.in_proj\.", r"decode_head.transformer_decoder.layers.\1.\2_attn.attn.in_proj_"),
+    (r"^head\.layers\.(\d+)\.(cross|self)_attn\.out_proj\.", r"decode_head.transformer_decoder.layers.\1.\2_attn.attn.out_proj."),
+    (r"^head\.layers\.(\d+)\.cross_norm\.", r"decode_head.transformer_decoder.layers.\1.norms.0."),
+    (r"^head\.layers\.(\d+)\.self_norm\.", r"decode_head.transformer_decoder.layers.\1.norms.1."),
+    (r"^head\.layers\.(\d+)\.ffn_norm\.", r"decode_head.transformer_decoder.layers.\1.norms.2."),
+    (r"^head\.layers\.(\d+)\.ffn\.0\.", r"decode_head.transformer_decoder.layers.\1.ffn.layers.0.0."),
+    (r"^head\.layers\.(\d+)\.ffn\.2\.", r"decode_head.transformer_decoder.layers.\1.ffn.layers.1."),
+    (r"^head\.pixel_decoder\.encoder\.(\d+)\.attn_norm\.", r"decode_head.pixel_decoder.encoder.layers.\1.norms.0."),
+    (r"^head\.pixel_decoder\.encoder\.(\d+)\.ffn_norm\.", r"decode_head.pixel_decoder.encoder.layers.\1.norms.1."),
+    (r"^head\.pixel_decoder\.encoder\.(\d+)\.ffn\.0\.", r"decode_head.pixel_decoder.encoder.layers.\1.ffn.layers.0.0."),
+    (r"^head\.pixel_decoder\.encoder\.(\d+)\.ffn\.2\.", r"decode_head.pixel_decoder.encoder.layers.\1.ffn.layers.1."),
+    (r"^head\.pixel_decoder\.encoder\.(\d+)\.", r"decode_head.pixel_decoder.encoder.layers.\1."),
+    (r"^head\.pixel_decoder\.lateral_conv\.", "decode_head.pixel_decoder.lateral_convs.0."),
+    (r"^head\.pixel_decoder\.output_conv\.", "decode_head.pixel_decoder.output_convs.0."),
+    (r"^head\.", "decode_head."),
+)
+
+
+def official_name(name: str) -> str:
+    """Our parameter name -> its name in an official release checkpoint."""
+    for pattern, official in OFFICIAL_NAMES:
+        if re.match(pattern, name):
+            return re.sub(pattern, official, name)
+    raise KeyError(name)
+
+
+def read_official(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The state dict of an official release file (an mmengine checkpoint: meta + state_dict)."""
+    ckpt = vit.load_file(path, what="an official Rein release checkpoint")
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not any(k.startswith("decode_head.") for k in state):
+        found = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path} is not an official Rein release checkpoint: expected an mmengine file whose "
+                         f"'state_dict' holds decode_head.* (and backbone.reins.*) weights; found {found}")
+    return state
+
+
+def official_config(state: dict[str, Tensor]) -> dict:
+    """build_model arguments that rebuild an official model, read from its tensors' shapes."""
+    def count(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+    cls_embed = state["decode_head.cls_embed.weight"]  # (K + 1, dim)
+    rein = "backbone.reins.learnable_tokens_a" in state
+    queries = state["backbone.reins.learnable_tokens_a" if rein else "decode_head.query_embed.weight"]
+    return dict(method="rein" if rein else "freeze", num_classes=cls_embed.shape[0] - 1, patch_size=16,
+                num_queries=queries.shape[-2], head_dim=cls_embed.shape[1],
+                head_layers=count("decode_head.transformer_decoder.layers."),
+                encoder_layers=count("decode_head.pixel_decoder.encoder.layers."))
+
+
+def from_official(checkpoint: str | os.PathLike, weights: str | os.PathLike | None = None) -> Segmenter:
+    """A segmenter in eval mode from an official Rein release file, giving the official outputs.
+
+    `checkpoint`: the release's .pth (Rein and the head; or, for the frozen baseline of
+    configs/frozen_vfms, the head with the whole converted backbone). `weights`: the DINOv2
+    weights as `--weights` takes them (name, URL, path), the release's own
+    `dinov2_converted.pth` included; optional when the checkpoint holds the backbone.
+    """
+    state = read_official(checkpoint)
+    config = official_config(state)
+    if weights is not None:
+        dinov2 = vit.read_checkpoint(vit.resolve_source(str(weights)))
+    else:
+        dinov2 = {k[len("backbone."):]: v for k, v in state.items()
+                  if k.startswith("backbone.") and not k.startswith("backbone.reins.")}
+        if not dinov2:
+            raise ValueError(f"{checkpoint} holds no backbone weights: name the DINOv2 weights it was trained on "
+                             f"with --weights (e.g. vitl14, or the release's dinov2_converted.pth)")
+    if "cls_token" not in dinov2:
+        raise ValueError(f"{weights} is not a DINOv2 state dict: expected keys like cls_token, pos_embed, "
+                         f"blocks.0.attn.qkv.weight; found {sorted(dinov2)[:5]}")
+    found, backbone = vit.describe(dinov2)
+    depth = len({k.split(".")[1] for k in dinov2 if k.startswith("blocks.")})
+    tokens = state.get("backbone.reins.learnable_tokens_b")  # (N, r, c): N blocks of width c
+    head_width = state["decode_head.pixel_decoder.input_convs.0.conv.weight"].shape[1]
+    trained_on = (tokens.shape[0], tokens.shape[2]) if tokens is not None else (depth, head_width)
+    if (depth, dinov2["cls_token"].shape[-1]) != trained_on:
+        raise ValueError(f"{checkpoint} was trained on a backbone of {trained_on[0]} blocks of width "
+                         f"{trained_on[1]}, but {weights or checkpoint} holds {backbone} ({found})")
+    model = build_model(backbone=backbone, weights=dinov2, **config)
+    model.config["weights"] = None if weights is None else str(weights)
+    names = {official_name(k): k for k in model.trainable_state_dict()}  # Rein and the head
+    release = {k: v for k, v in state.items() if k in names or not k.startswith("backbone.")}
+    missing, unexpected = sorted(names.keys() - release.keys()), sorted(release.keys() - names.keys())
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint} does not have the official Rein layout: missing {len(missing)} keys "
+                         f"{missing[:12]}{' ...' if len(missing) > 12 else ''}, unexpected {unexpected[:12]}")
+    model.load_trainable_state_dict({names[k]: v for k, v in release.items()}, origin=str(checkpoint))
+    return model.eval()

@@ -35,8 +35,9 @@ import vit
 from data import (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, MEAN, STD, SYNTHETIC_DOMAINS, build_dataset,
                   choose_crop, palette_for, colorize, hsv_to_rgb, label_lut, parse_data,
                   random_resize_crop_flip, rgb_to_hsv, to_test_tensor)
-from mask_head import (DecoderLayer, MaskHead, SetCriterion, attention_mask, linear_sum_assignment,
-                       linear_sum_assignment_batch, semantic_inference)
+from mask_head import (DecoderLayer, DeformableAttention, MaskHead, SetCriterion, attention_mask,
+                       deformable_attention_per_level, linear_sum_assignment, linear_sum_assignment_batch,
+                       mask_logits, sample_levels, semantic_inference, sine_position)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,11 +45,11 @@ from mask_head import (DecoderLayer, MaskHead, SetCriterion, attention_mask, lin
 # ---------------------------------------------------------------------------------------------
 
 
-def tiny_vit(num_registers=0, ffn="mlp", patch_size=4, image_size=32):
+def tiny_vit(num_registers=0, ffn="mlp", patch_size=4, image_size=32, family="dinov2"):
     """A 2-block ViT small enough for exact, fast reference computations."""
     torch.manual_seed(0)
     model = vit.VisionTransformer(dim=16, depth=2, num_heads=2, ffn=ffn, patch_size=patch_size,
-                                  num_registers=num_registers, image_size=image_size).eval()
+                                  num_registers=num_registers, image_size=image_size, family=family).eval()
     # Random values everywhere, LayerScale and norms included, so that every weight matters.
     with torch.no_grad():
         for p in model.parameters():
@@ -117,7 +118,7 @@ def reference_forward(model, images):
     return F.layer_norm(x, (C,), model.norm.weight, model.norm.bias, 1e-6)
 
 
-@pytest.mark.parametrize("regs, ffn, size", [(0, "mlp", (32, 32)), (4, "mlp", (24, 40)), (4, "swiglu", (36, 20))])
+@pytest.mark.parametrize("regs, ffn, size", [(0, "mlp", (32, 32)), (4, "mlp", (24, 40)), (4, "swiglu_fused", (36, 20))])
 def test_vit_matches_independent_reference(regs, ffn, size):
     """Token order [cls, registers, patches], the qkv split and both FFNs, against a by-hand forward."""
     model = tiny_vit(regs, ffn)
@@ -217,7 +218,7 @@ def test_vit_loads_from_path_url_and_state_dict(tmp_path, monkeypatch):
     for source in (path, str(path), path.as_uri(), state):
         with torch.device("meta"):
             model = vit.build_vit("vits14")
-        vit.load_dinov2(model, source)
+        vit.load_pretrained(model, source)
         loaded = model.state_dict()
         assert loaded.keys() == state.keys()
         assert all(torch.equal(loaded[k], state[k]) for k in state)
@@ -243,7 +244,7 @@ def test_vit_patch16_conversion_resamples_kernel_and_grid():
     state = {k: torch.randn(v.shape) for k, v in src_model.state_dict().items()}
     with torch.device("meta"):
         model = vit.build_vit("vits14", patch_size=16)
-    vit.load_dinov2(model, state)
+    vit.load_pretrained(model, state)
     kernel, pos = model.patch_embed.proj.weight.detach(), model.pos_embed.detach()
     assert kernel.shape == (384, 3, 16, 16) and pos.shape == (1, 1 + 32 * 32, 384)
     src_kernel = state["patch_embed.proj.weight"][7, 2].double().numpy()
@@ -265,32 +266,155 @@ def test_vit_registers_output_shapes():
     assert model(torch.randn(3, 3, 16, 24)).shape == (3, 29, 16)
 
 
+def dinov3_reference(model, images, *, eps=1e-5, rope_pairs="half", rotate_cls=False):
+    """DINOv3's forward written out independently: RoPE by explicit angle pairs, head by head.
+
+    The keyword arguments make it wrong on purpose, to show the test can tell.
+    """
+    p, C, heads = model.patch_size, model.dim, 2
+    D = C // heads
+    B, _, H, W = images.shape
+    h, w = H // p, W // p
+    kernel = model.patch_embed.proj.weight.reshape(C, -1)
+    patches = F.unfold(images, p, stride=p).transpose(1, 2) @ kernel.T + model.patch_embed.proj.bias
+    x = torch.cat([model.cls_token.expand(B, 1, C), model.storage_tokens.expand(B, -1, C), patches], 1)
+    n_extra = 5
+    # The angle of dim pair k of patch (i, j): rows for k < D/4, columns for D/4 <= k < D/2.
+    periods = 100 ** (torch.arange(D // 4) / (D // 4))
+    angle = torch.zeros(h * w, D // 2)
+    for i, j in itertools.product(range(h), range(w)):
+        y, xx = 2 * (i + 0.5) / h - 1, 2 * (j + 0.5) / w - 1
+        angle[i * w + j] = torch.cat([2 * math.pi * y / periods, 2 * math.pi * xx / periods])
+
+    def turn(t):  # (B, N, D): rotate the patch tokens (and the class token if asked, which is wrong)
+        t = t.clone()
+        first = 0 if rotate_cls else n_extra
+        for k in range(D // 2):
+            a, b = (k, k + D // 2) if rope_pairs == "half" else (2 * k, 2 * k + 1)
+            cos, sin = angle[:, k].cos(), angle[:, k].sin()
+            if rotate_cls:
+                cos, sin = torch.cat([cos[:1].expand(n_extra), cos]), torch.cat([sin[:1].expand(n_extra), sin])
+            u, v = t[:, first:, a].clone(), t[:, first:, b].clone()
+            t[:, first:, a], t[:, first:, b] = u * cos[-u.shape[1]:] - v * sin[-u.shape[1]:], \
+                v * cos[-u.shape[1]:] + u * sin[-u.shape[1]:]
+        return t
+
+    for blk in model.blocks:
+        y = F.layer_norm(x, (C,), blk.norm1.weight, blk.norm1.bias, eps)
+        Wq, Wk, Wv = blk.attn.qkv.weight.split(C)
+        bq, _, bv = blk.attn.qkv.bias.split(C)  # the key bias never applies
+        outs = []
+        for i in range(heads):
+            s = slice(i * D, (i + 1) * D)
+            q, k, v = turn(y @ Wq[s].T + bq[s]), turn(y @ Wk[s].T), y @ Wv[s].T + bv[s]
+            outs.append(torch.softmax(q @ k.transpose(1, 2) / math.sqrt(D), -1) @ v)
+        x = x + blk.ls1.gamma * blk.attn.proj(torch.cat(outs, -1))
+        y = F.layer_norm(x, (C,), blk.norm2.weight, blk.norm2.bias, eps)
+        if isinstance(blk.mlp, vit.Mlp):
+            y = blk.mlp.fc2(F.gelu(blk.mlp.fc1(y)))
+        else:
+            y = blk.mlp.w3(F.silu(blk.mlp.w1(y)) * blk.mlp.w2(y))
+        x = x + blk.ls2.gamma * y
+    return F.layer_norm(x, (C,), model.norm.weight, model.norm.bias, eps)
+
+
+@pytest.mark.parametrize("ffn, size", [("mlp", (32, 32)), ("swiglu", (24, 40)), ("mlp", (16, 36))])
+def test_dinov3_matches_independent_reference(ffn, size):
+    """RoPE (separate row and column coordinates, rotate-half pairs, patches only), the masked key bias,
+    eps 1e-5 and the storage tokens' place, against a by-hand forward; each mistake is caught."""
+    model = tiny_vit(ffn=ffn, family="dinov3")
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.bias_mask.copy_(torch.tensor([1.0] * 16 + [0.0] * 16 + [1.0] * 16))
+        for p in (model.cls_token, model.storage_tokens, model.patch_embed.proj.weight, model.patch_embed.proj.bias):
+            p.mul_(0.01)  # small tokens, so that LayerNorm's eps matters
+    images = torch.randn(2, 3, *size)
+    out = model(images)
+    assert out.shape == (2, 1 + 4 + (size[0] // 4) * (size[1] // 4), 16)
+    assert (out - dinov3_reference(model, images)).abs().max() / out.abs().max() < 1e-5
+    for wrong in (dict(eps=1e-6), dict(rope_pairs="interleaved"), dict(rotate_cls=True)):
+        assert (out - dinov3_reference(model, images, **wrong)).abs().max() / out.abs().max() > 1e-4, wrong
+    moved = torch.cat([out[:, :1], out[:, -4:], out[:, 1:-4]], 1)  # storage tokens after the patches
+    assert (moved - out).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("dinov3_vits16", 21_601_152), ("dinov3_vits16plus", 28_697_472), ("dinov3_vitb16", 85_669_632),
+    ("dinov3_vitl16", 303_154_176), ("dinov3_vith16plus", 840_633_600)])
+def test_dinov3_parameter_counts_and_keys(arch, expected):
+    """Counts of the official models; the keys of the official checkpoints, both buffers included."""
+    with torch.device("meta"):
+        model = vit.build_vit(arch, 16)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    state = model.state_dict()
+    C = model.dim
+    top = {"cls_token": (1, 1, C), "storage_tokens": (1, 4, C), "mask_token": (1, C),
+           "patch_embed.proj.weight": (C, 3, 16, 16), "patch_embed.proj.bias": (C,), "rope_embed.periods": (16,),
+           "norm.weight": (C,), "norm.bias": (C,)}
+    assert {k: tuple(v.shape) for k, v in state.items() if not k.startswith("blocks.")} == top
+    ffn = ["mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"] if "plus" not in arch else \
+        [f"mlp.{n}.{t}" for n in ("w1", "w2", "w3") for t in ("weight", "bias")]
+    block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.qkv.bias_mask",
+             "attn.proj.weight", "attn.proj.bias", "ls1.gamma", "norm2.weight", "norm2.bias", *ffn, "ls2.gamma"]
+    assert sorted(k for k in state if k.startswith("blocks.0.")) == sorted("blocks.0." + k for k in block)
+    assert len(state) == {"dinov3_vits16": 188, "dinov3_vits16plus": 212, "dinov3_vitb16": 188,
+                          "dinov3_vitl16": 368, "dinov3_vith16plus": 552}[arch]
+
+
+def test_dinov3_loads_from_path_and_url_and_families_are_told_apart(tmp_path, monkeypatch):
+    """A random official-layout DINOv3 file loads strictly from a path and a file:// URL; a DINOv2 file
+    in a DINOv3 model (and the reverse) names the family and size; a DINOv3 name says where to get it."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    torch.manual_seed(0)
+    state = vit.build_vit("dinov3_vits16", 16).state_dict()
+    path = tmp_path / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"
+    torch.save(state, path)
+    for source in (path, path.as_uri()):
+        with torch.device("meta"):
+            model = vit.build_vit("dinov3_vits16", 16)
+        vit.load_pretrained(model, source)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert model(torch.randn(1, 3, 32, 48)).shape == (1, 5 + 6, 384)
+    with pytest.raises(ValueError, match="image size 30x48 is not a multiple of the patch size 16"):
+        model(torch.randn(1, 3, 30, 48))
+    with torch.device("meta"):
+        v2 = vit.build_vit("vits14")
+    with pytest.raises(ValueError, match="has DINOv3, width 384, 12 blocks.*this is dinov3_vits16, not vits14"):
+        vit.load_pretrained(v2, state)
+    with pytest.raises(ValueError, match="has DINOv2, width 384, 12 blocks.*this is vits14, not dinov3_vits16"):
+        vit.load_pretrained(model, v2.state_dict())
+    with pytest.raises(FileNotFoundError, match="on request.*dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"):
+        vit.load_pretrained(model, "dinov3_vitl16")
+    with pytest.raises(ValueError, match="patch 16 and its own 4 storage tokens"):
+        vit.build_vit("dinov3_vitl16", 14)
+
+
 def test_vit_errors_are_clear(tmp_path):
     """Missing file, not a checkpoint, wrong size, wrong keys, bad image size, unknown arch."""
     with torch.device("meta"):
         small, large = vit.build_vit("vits14"), vit.build_vit("vitl14")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        vit.load_dinov2(small, tmp_path / "nope.pth")
+        vit.load_pretrained(small, tmp_path / "nope.pth")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth cannot be read as DINOv2 weights"):
-        vit.load_dinov2(small, junk)
+    with pytest.raises(ValueError, match="junk.pth cannot be read as DINOv2 or DINOv3 weights"):
+        vit.load_pretrained(small, junk)
     torch.save({"model": {}}, tmp_path / "wrapped.pth")
-    with pytest.raises(ValueError, match="not a DINOv2 state dict"):
-        vit.load_dinov2(small, tmp_path / "wrapped.pth")
+    with pytest.raises(ValueError, match="not a DINOv2 or DINOv3 state dict"):
+        vit.load_pretrained(small, tmp_path / "wrapped.pth")
     state = small.state_dict()
     with pytest.raises(ValueError, match="width 384, 12 blocks.*this is vits14, not vitl14"):
-        vit.load_dinov2(large, state)
+        vit.load_pretrained(large, state)
     with torch.device("meta"):
         with_regs = vit.build_vit("vits14", num_registers=4)
     with pytest.raises(ValueError, match="this is vits14, not vits14_reg4"):
-        vit.load_dinov2(with_regs, state)
+        vit.load_pretrained(with_regs, state)
     broken = dict(state)
     del broken["blocks.3.attn.proj.bias"]
     broken["head.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"missing keys \['blocks.3.attn.proj.bias'\].*"
                                          r"unexpected keys \['head.weight'\]"):
-        vit.load_dinov2(small, broken)
+        vit.load_pretrained(small, broken)
     with pytest.raises(ValueError, match="image size 30x28 is not a multiple of the patch size 4"):
         tiny_vit()(torch.randn(1, 3, 30, 28))
     with pytest.raises(ValueError, match="unknown ViT arch 'vith14'.*vits14, vitb14, vitl14, vitg14"):
@@ -376,68 +500,182 @@ def test_batched_assignment_matches_one_by_one():
 
 
 def tiny_head(num_classes: int = 3, **kwargs) -> MaskHead:
-    """A small head: width 16, 6 queries, 3 layers."""
-    args = dict(in_dim=8, num_queries=6, dim=16, num_layers=3, num_heads=2, ffn_dim=32)
+    """A small head: width 16, 6 queries, 3 decoder layers, 1 deformable encoder layer."""
+    args = dict(in_dim=8, num_queries=6, dim=16, decoder_layers=3, encoder_layers=1, num_heads=2)
     return MaskHead(num_classes=num_classes, **(args | kwargs))
 
 
 def tiny_maps(batch: int = 2, size: int = 64, in_dim: int = 8) -> list[torch.Tensor]:
-    """Random feature maps at strides 4, 8, 16, 32 of a size x size image."""
-    return [torch.randn(batch, in_dim, size // s, size // s) for s in (4, 8, 16, 32)]
+    """Four random ViT feature maps of a size x size image at patch 16."""
+    return [torch.randn(batch, in_dim, size // 16, size // 16) for _ in range(4)]
 
 
 @pytest.mark.parametrize("rein_queries", [False, True])
-def test_head_output_shapes(rein_queries):
-    """num_layers + 1 predictions of class logits (B, Q, K+1) and masks at stride 4."""
+@pytest.mark.parametrize("encoder_layers", [0, 2])
+def test_head_output_shapes(rein_queries, encoder_layers):
+    """decoder_layers + 1 predictions of class logits (B, Q, K+1) and mask embeddings; mask features at stride 4."""
     torch.manual_seed(0)
-    head = tiny_head(rein_queries=rein_queries)
+    head = tiny_head(rein_queries=rein_queries, encoder_layers=encoder_layers)
     queries = torch.randn(6, 16) if rein_queries else None
-    predictions = head(tiny_maps(batch=2, size=64), queries)
-    assert len(predictions) == 4
-    for class_logits, mask_logits in predictions:
-        assert class_logits.shape == (2, 6, 4) and mask_logits.shape == (2, 6, 16, 16)
+    predictions, features = head(tiny_maps(batch=2, size=64), queries)
+    assert len(predictions) == 4 and features.shape == (2, 16, 16, 16)
+    for class_logits, embedding in predictions:
+        assert class_logits.shape == (2, 6, 4) and embedding.shape == (2, 6, 16)
+    with pytest.raises(ValueError, match="decoder_layers must be >= 3.*got 2"):
+        tiny_head(decoder_layers=2)
 
 
-def test_head_rejects_bad_input_clearly():
-    """Wrong number of maps, wrong width and misused queries name what was expected."""
+def test_sine_position_is_mmdets_formula():
+    """Channel 2k of the y half is sin((y + 1) / (h + 1e-6) * 2 pi / 10000^(2k / (dim/2))), 2k+1 its cos; x follows."""
+    h, w, dim = 3, 5, 8
+    pos = sine_position(h, w, dim, torch.device("cpu")).view(h, w, dim)
+    for y, x, k in itertools.product(range(h), range(w), range(dim // 4)):
+        period = 10000 ** (2 * k / (dim // 2))
+        ay, ax = (y + 1) / (h + 1e-6) * 2 * math.pi / period, (x + 1) / (w + 1e-6) * 2 * math.pi / period
+        expected = [math.sin(ay), math.cos(ay), math.sin(ax), math.cos(ax)]
+        got = [pos[y, x, 2 * k], pos[y, x, 2 * k + 1], pos[y, x, dim // 2 + 2 * k], pos[y, x, dim // 2 + 2 * k + 1]]
+        assert np.allclose(got, expected, atol=1e-5), (y, x, k)
+
+
+def bilinear_reference(value, h, w, x, y):
+    """grid_sample(align_corners=False, zeros) at one point, by hand: value (h*w, d), (x, y) in [0, 1]."""
+    px, py = x * w - 0.5, y * h - 0.5
+    x0, y0 = math.floor(px), math.floor(py)
+    out = torch.zeros(value.shape[1], dtype=torch.float64)
+    for cx, cy in itertools.product((x0, x0 + 1), (y0, y0 + 1)):
+        if 0 <= cx < w and 0 <= cy < h:
+            out += (1 - abs(px - cx)) * (1 - abs(py - cy)) * value[cy * w + cx].double()
+    return out
+
+
+def deformable_reference(value, shapes, locations, weights):
+    """sample_levels point by point: sum over levels and points of weight * bilinear sample."""
+    B, Lv, M, d = value.shape
+    _, Lq, _, L, P, _ = locations.shape
+    starts = [0, *itertools.accumulate(h * w for h, w in shapes)]
+    out = torch.zeros(B, Lq, M, d, dtype=torch.float64)
+    for b, q, m, level, p in itertools.product(range(B), range(Lq), range(M), range(L), range(P)):
+        h, w = shapes[level]
+        x, y = locations[b, q, m, level, p].tolist()
+        sampled = bilinear_reference(value[b, starts[level]:starts[level + 1], m], h, w, x, y)
+        out[b, q, m] += weights[b, q, m, level, p].item() * sampled
+    return out.view(B, Lq, M * d)
+
+
+def test_deformable_sampling_equals_a_per_point_reference_and_the_per_level_path():
+    """sample_levels equals a slow per-point reference and mmcv's one-grid_sample-per-level path,
+    values and gradients, with points inside, on the border and outside the maps."""
+    torch.manual_seed(0)
+    shapes = [(2, 3), (3, 5), (4, 2)]
+    B, M, d, P = 2, 2, 3, 2
+    Lv = sum(h * w for h, w in shapes)
+    value = torch.randn(B, Lv, M, d, requires_grad=True)
+    locations = (torch.rand(B, 4, M, 3, P, 2) * 1.6 - 0.3).requires_grad_()
+    weights = torch.rand(B, 4, M, 3, P, requires_grad=True)
+    ours = sample_levels(value, shapes, locations, weights)
+    assert torch.allclose(ours.double(), deformable_reference(value, shapes, locations, weights), atol=1e-5)
+    per_level = deformable_attention_per_level(value, shapes, locations, weights)
+    assert torch.allclose(ours, per_level, atol=1e-5)
+    grads = [torch.autograd.grad(out.square().sum(), (value, locations, weights)) for out in (ours, per_level)]
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads))
+
+
+def test_deformable_attention_layout_is_mmcvs():
+    """Offsets are (heads, levels, points, (x, y)) in pixels of each level, weights softmaxed over a
+    head's levels and points together, around the query's reference point on every level."""
+    torch.manual_seed(0)
+    attn = DeformableAttention(dim=8, num_heads=2, num_levels=2, num_points=3)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.5)
+    shapes = [(3, 4), (5, 2)]
+    value = torch.randn(1, 22, 8)
+    query = torch.randn(1, 2, 8)
+    reference = torch.tensor([[0.3, 0.6], [0.9, 0.1]])
+    offsets = attn.sampling_offsets(query).view(1, 2, 2, 2, 3, 2)  # (B, Lq, heads, levels, points, xy)
+    weights = attn.attention_weights(query).view(1, 2, 2, 6).softmax(-1).view(1, 2, 2, 2, 3)
+    wh = torch.tensor([[4.0, 3.0], [2.0, 5.0]])  # (w, h) per level
+    locations = reference[None, :, None, None, None] + offsets / wh[:, None]
+    projected = attn.value_proj(value).view(1, 22, 2, 4)
+    expected = attn.output_proj(deformable_reference(projected, shapes, locations, weights).float())
+    assert torch.allclose(attn(query, value, reference, shapes), expected, atol=1e-5)
+    # y before x, or levels normalised by (h, w), would move the points: the test can tell.
+    swapped = reference[None, :, None, None, None] + offsets.flip(-1) / wh[:, None]
+    wrong = attn.output_proj(deformable_reference(projected, shapes, swapped, weights).float())
+    assert not torch.allclose(wrong, expected, atol=1e-3)
+
+
+def test_pixel_decoder_levels_are_deep_to_shallow():
+    """Without encoder layers, memory 0 (stride 32) comes from the deepest map alone, memory 2 (stride 8)
+    from the third; the mask features at stride 4 see the shallowest map."""
+    torch.manual_seed(0)
+    decoder = tiny_head(encoder_layers=0).pixel_decoder
+    maps = tiny_maps(batch=1, size=128)  # an 8 x 8 patch grid
+    memories, mask_features = decoder(maps)
+    assert [tuple(m.shape[-2:]) for m in memories] == [(4, 4), (8, 8), (16, 16)]
+    assert mask_features.shape[-2:] == (32, 32)
+    for changed in range(4):
+        other = [m.clone() for m in maps]
+        other[changed] += 1.0
+        new, new_features = decoder(other)
+        moved = [not torch.allclose(a, b) for a, b in zip(memories, new)]
+        assert moved == [changed == 3, changed == 2, changed == 1]
+        assert (not torch.allclose(mask_features, new_features)) == (changed in (0, 1))
+
+
+def test_projection_before_resizing_equals_resizing_before_projection():
+    """The memory saving is exact: conv1x1(resize(x)) == resize(conv1x1(x)) for the scales used."""
+    torch.manual_seed(0)
     head = tiny_head()
-    with pytest.raises(ValueError, match="list of 4 feature maps.*got 3 maps"):
-        head(tiny_maps()[:3])
-    with pytest.raises(ValueError, match=r"in_dim=8.*map 0 has shape \(2, 5, 16, 16\)"):
-        head(tiny_maps(in_dim=5))
-    with pytest.raises(ValueError, match="rein_queries=False"):
-        head(tiny_maps(), torch.randn(6, 16))
-    with pytest.raises(ValueError, match="needs the queries"):
-        tiny_head(rein_queries=True)(tiny_maps())
-    with pytest.raises(ValueError, match=r"\(num_queries=6, dim=16\)"):
-        tiny_head(rein_queries=True)(tiny_maps(), torch.randn(5, 16))
-    with pytest.raises(ValueError, match="num_layers >= 3 .*got 3, 6 and 2"):
-        tiny_head(num_layers=2)
+    x = torch.randn(2, 8, 6, 6)
+    for conv, scale in zip(head.pixel_decoder.input_convs, (0.5, 1, 2)):
+        resized_first = conv.gn(conv.conv(F.interpolate(x, scale_factor=scale, mode="bilinear"))) if scale != 1 \
+            else conv.gn(conv.conv(x))
+        assert torch.allclose(conv(x, scale), resized_first, atol=1e-5)
+    lateral = head.pixel_decoder.lateral_conv
+    assert torch.allclose(lateral(x, 4), lateral.gn(lateral.conv(F.interpolate(x, scale_factor=4, mode="bilinear"))),
+                          atol=1e-5)
 
 
 def test_masked_attention_ignores_features_outside_the_masks():
     """Memory outside every query's mask cannot change the layer output, unless a mask is empty."""
     torch.manual_seed(0)
     layer = DecoderLayer(dim=16, num_heads=2, ffn_dim=32)
-    mask_logits = torch.randn(1, 4, 12, 12)
-    mask_logits[..., :6] = -5.0  # the left half is outside every mask...
-    mask_logits[..., 0, 11] = 5.0  # ...and no mask is empty
-    attend = attention_mask(mask_logits, (6, 6))  # masks come from the previous (finer) prediction
+    features = torch.eye(36).view(1, 36, 6, 6)  # one feature per pixel: a mask is its embedding
+    logits = torch.randn(1, 4, 6, 6)
+    logits[..., :3] = -5.0  # the left half is outside every mask...
+    logits[..., 0, 5] = 5.0  # ...and no mask is empty
+    attend = attention_mask(logits.flatten(2), features)
     outside = ~attend[0].any(0)  # (36,)
-    assert outside.view(6, 6)[:, :3].all()
+    assert outside.view(6, 6)[:, :3].all() and not outside.all()
     query, query_pos = torch.randn(1, 4, 16), torch.randn(1, 4, 16)
-    memory, memory_pos = torch.randn(1, 36, 16), torch.randn(1, 36, 16)
+    memory, memory_pos = torch.randn(1, 36, 16), torch.randn(36, 16)
     changed = memory.clone()
     changed[:, outside] = torch.randn(1, int(outside.sum()), 16)
     before = layer(query, query_pos, memory, memory_pos, attend)
     assert torch.allclose(layer(query, query_pos, changed, memory_pos, attend), before, atol=1e-6)
 
-    mask_logits[:, 0] = -5.0  # query 0's mask is now empty: it attends everywhere
-    attend = attention_mask(mask_logits, (6, 6))
+    logits[:, 0] = -5.0  # query 0's mask is now empty: it attends everywhere
+    attend = attention_mask(logits.flatten(2), features)
     assert attend[0, 0].all() and not attend[0, 1].all()
     before = layer(query, query_pos, memory, memory_pos, attend)
     after = layer(query, query_pos, changed, memory_pos, attend)
     assert not torch.allclose(after[:, 0], before[:, 0], atol=1e-3)
+
+
+def test_attention_masks_from_resized_features_equal_resized_masks():
+    """Mask2Former resizes each mask to the level and blocks where sigmoid < 0.5; resizing the features
+    instead gives the same logits, because a mask is linear in the features."""
+    torch.manual_seed(0)
+    embedding, features = torch.randn(2, 5, 8), torch.randn(2, 8, 32, 32)
+    for size in ((4, 4), (8, 8), (16, 16)):
+        masks = F.interpolate(mask_logits(embedding, features), size=size, mode="bilinear", align_corners=False)
+        small = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+        assert torch.allclose(mask_logits(embedding, small), masks, atol=1e-5)
+        official = masks.flatten(2).sigmoid() >= 0.5
+        official |= ~official.any(-1, keepdim=True)
+        agree = attention_mask(embedding, small) == official
+        assert agree.float().mean() > 0.999
 
 
 def synthetic_labels(num_classes: int, size: int = 64) -> torch.Tensor:
@@ -462,7 +700,7 @@ def test_losses_are_finite(num_classes, labels):
     """Every loss is a finite float32 scalar, also with 19 targets for 20 queries."""
     torch.manual_seed(0)
     head = tiny_head(num_classes=num_classes, num_queries=20)
-    losses = SetCriterion(num_classes=num_classes, num_points=256)(head(tiny_maps(batch=2)), labels)
+    losses = SetCriterion(num_classes=num_classes, num_points=256)(*head(tiny_maps(batch=2)), labels)
     assert set(losses) == {"loss", "loss_ce", "loss_mask", "loss_dice"}
     for value in losses.values():
         assert value.dtype == torch.float32 and value.ndim == 0 and torch.isfinite(value)
@@ -474,7 +712,7 @@ def test_more_targets_than_queries():
     torch.manual_seed(0)
     labels = torch.arange(19).repeat_interleave(4).repeat(64, 1)[None, :, :64]
     predictions = tiny_head(num_classes=19)(tiny_maps(batch=1))
-    losses = SetCriterion(num_classes=19, num_points=64)(predictions, labels)
+    losses = SetCriterion(num_classes=19, num_points=64)(*predictions, labels)
     assert torch.isfinite(losses["loss"])
 
 
@@ -485,7 +723,7 @@ def test_every_parameter_gets_a_gradient_without_labelled_pixels(rein_queries):
     head = tiny_head(rein_queries=rein_queries)
     queries = torch.randn(6, 16, requires_grad=True) if rein_queries else None
     labels = torch.full((2, 64, 64), 255)
-    SetCriterion(num_classes=3, num_points=64)(head(tiny_maps(), queries), labels)["loss"].backward()
+    SetCriterion(num_classes=3, num_points=64)(*head(tiny_maps(), queries), labels)["loss"].backward()
     for name, p in head.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert queries is None or queries.grad is not None
@@ -497,18 +735,16 @@ def test_bad_labels_name_the_bad_values():
     labels[0, 0, :3] = torch.tensor([19, 42, -1])
     predictions = tiny_head(num_classes=19)(tiny_maps(batch=1))
     with pytest.raises(ValueError, match=r"0\.\.18 or 255.*found \[-1, 19, 42\]"):
-        SetCriterion(num_classes=19)(predictions, labels)
-    with pytest.raises(ValueError, match="num_classes\\+1=4"):
-        SetCriterion(num_classes=3)(predictions, torch.zeros(1, 64, 64, dtype=torch.int64))
+        SetCriterion(num_classes=19)(*predictions, labels)
 
 
 def test_loss_is_float32_under_bf16_autocast():
     """The criterion computes in float32 whatever precision the head ran in."""
     torch.manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        predictions = tiny_head()(tiny_maps())
-        losses = SetCriterion(num_classes=3, num_points=64)(predictions, synthetic_labels(3).repeat(2, 1, 1))
-    assert predictions[-1][1].dtype == torch.bfloat16
+        predictions, features = tiny_head()(tiny_maps())
+        losses = SetCriterion(num_classes=3, num_points=64)(predictions, features, synthetic_labels(3).repeat(2, 1, 1))
+    assert predictions[-1][1].dtype == torch.bfloat16 and features.dtype == torch.bfloat16
     assert losses["loss"].dtype == torch.float32 and torch.isfinite(losses["loss"])
 
 
@@ -519,11 +755,11 @@ def test_distributed_mask_count_is_all_reduced(tmp_path):
     labels = synthetic_labels(3).repeat(2, 1, 1)
     criterion = SetCriterion(num_classes=3, num_points=64)
     torch.manual_seed(1)
-    expected = criterion(predictions, labels)["loss"]
+    expected = criterion(*predictions, labels)["loss"]
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         torch.manual_seed(1)
-        assert torch.allclose(criterion(predictions, labels)["loss"], expected)
+        assert torch.allclose(criterion(*predictions, labels)["loss"], expected)
     finally:
         dist.destroy_process_group()
 
@@ -547,11 +783,12 @@ def test_loss_never_builds_full_resolution_masks_for_all_queries():
     """Point sampling: no tensor in the criterion is as large as Q masks at label resolution."""
     torch.manual_seed(0)
     Q, size = 50, 128
-    predictions = tiny_head(num_queries=Q, num_layers=3)(tiny_maps(batch=1, size=size))
+    predictions = tiny_head(num_queries=Q)(tiny_maps(batch=1, size=size))
     labels = synthetic_labels(3, size)
     with LargestTensor() as mode:
-        SetCriterion(num_classes=3, num_points=256)(predictions, labels)
-    # The 4 predictions' stride-4 masks, stacked for the matching, are the largest: 1/4 of it.
+        SetCriterion(num_classes=3, num_points=256)(*predictions, labels)
+    # The 4 predictions' stride-4 masks, computed without gradients for the matching, are the
+    # largest: 1/4 of it.
     assert mode.numel <= Q * size * size / 4
 
 
@@ -570,18 +807,19 @@ def test_semantic_inference_combines_class_and_mask():
 def test_head_overfits_one_image():
     """Head and loss learn one synthetic image to near-perfect mIoU from fixed random features."""
     torch.manual_seed(0)
-    head = tiny_head(num_classes=3, dim=32, num_queries=8, ffn_dim=64)
+    head = tiny_head(num_classes=3, dim=32, num_queries=8)
     maps = tiny_maps(batch=1, size=64)
     labels = synthetic_labels(3)
     criterion = SetCriterion(num_classes=3, num_points=256)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
     for _ in range(75):
-        loss = criterion(head(maps), labels)["loss"]
+        loss = criterion(*head(maps), labels)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        scores = semantic_inference(*head(maps)[-1])  # (1, 3, 16, 16)
+        predictions, features = head(maps)
+        scores = semantic_inference(predictions[-1][0], mask_logits(predictions[-1][1], features))  # (1, 3, 16, 16)
     pred = torch.nn.functional.interpolate(scores, size=(64, 64), mode="bilinear").argmax(1)
     ious = [((pred == k) & (labels == k)).sum() / ((pred == k) | (labels == k)).sum() for k in range(3)]
     assert torch.stack(ious).mean() > 0.95, ious
@@ -594,7 +832,7 @@ def test_head_overfits_one_image():
 def small_model(method="rein", registers="", **kw):
     """A ViT-S segmenter with a tiny head, random weights: fast enough for CPU tests."""
     torch.manual_seed(0)
-    kw = dict(num_queries=8, head_dim=32, head_layers=3, num_classes=5) | kw
+    kw = dict(num_queries=8, head_dim=32, head_layers=3, encoder_layers=1, num_classes=5) | kw
     return rein.build_model(method=method, backbone="vits14" + registers, **kw)
 
 
@@ -682,15 +920,14 @@ def test_rein_with_zero_scale_reproduces_the_plain_vit():
     for block in model.backbone.vit.blocks:
         x = block(x)
         outs.append(x[:, 1:].transpose(1, 2).reshape(2, 384, h, w))
-    assert torch.equal(plain_maps[2], outs[7])
-    assert torch.allclose(plain_maps[0], F.interpolate(outs[3], scale_factor=4, mode="bilinear"))
+    assert all(torch.equal(m, outs[i]) for m, i in zip(plain_maps, (3, 5, 7, 11)))
 
 
-def test_rein_maps_strides_and_feature_blocks():
-    """Four maps at strides 4, 8, 16, 32; blocks 7, 11, 15, 23 for ViT-L and the same fractions elsewhere."""
+def test_rein_maps_and_feature_blocks():
+    """Four maps at the patch grid; blocks 7, 11, 15, 23 for ViT-L and the same fractions elsewhere."""
     model = small_model()
     maps, _ = model.backbone(torch.randn(1, 3, 64, 96))
-    assert [tuple(m.shape[-2:]) for m in maps] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert [tuple(m.shape[-3:]) for m in maps] == [(384, 4, 6)] * 4
     assert model.backbone.feature_blocks == (3, 5, 7, 11)
     with torch.device("meta"):
         assert rein.ReinViT(vit.build_vit("vitl14"), None).feature_blocks == (7, 11, 15, 23)
@@ -776,20 +1013,133 @@ def test_rein_param_groups():
             assert wd == (0.0 if no_decay else 0.05), name
 
 
-def test_rein_official_checkpoint_loads_and_mismatches_are_explained(tmp_path):
-    """backbone.reins.* of an official release checkpoint loads strictly; another width/depth is named."""
-    source = rein.Rein(12, 384)
-    state = {"backbone.reins." + k: v for k, v in source.state_dict().items()}
-    state["backbone.blocks.0.norm1.weight"] = torch.zeros(384)
-    torch.save({"meta": {}, "state_dict": state}, tmp_path / "rein_official.pth")
-    target = rein.load_official_rein(rein.Rein(12, 384), tmp_path / "rein_official.pth")
-    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
-    with pytest.raises(ValueError, match=r"shape \(12, 100, 16\), this model needs \(24, 100, 16\).*"
-                                         r"12 blocks of width 384.*24 blocks of width 1024"):
-        rein.load_official_rein(rein.Rein(24, 1024), tmp_path / "rein_official.pth")
-    with pytest.raises(ValueError, match=r"learnable_tokens_b has shape \(12, 16, 384\), this model needs "
-                                         r"\(12, 16, 768\).*12 blocks of width 384.*12 blocks of width 768"):
-        rein.load_official_rein(rein.Rein(12, 768), tmp_path / "rein_official.pth")
+def official_release_keys(depth: int, dim: int, num_classes: int = 19) -> dict[str, tuple[int, ...]]:
+    """Every key and shape of an official Rein release file (Rein + mmdet's Mask2Former head),
+    written out from the official layout, independently of rein.py."""
+    keys = {"backbone.reins.scale": (), "backbone.reins.learnable_tokens_a": (depth, 100, 16),
+            "backbone.reins.learnable_tokens_b": (depth, 16, dim)}
+    for name, shape in (("mlp_token2feat", (dim, dim)), ("mlp_delta_f", (dim, dim)), ("transform", (256, dim)),
+                        ("merge", (256, 768))):
+        keys |= {f"backbone.reins.{name}.weight": shape, f"backbone.reins.{name}.bias": shape[:1]}
+    head = {}
+    for i in range(3):
+        head |= {f"pixel_decoder.input_convs.{i}.conv.weight": (256, dim, 1, 1),
+                 f"pixel_decoder.input_convs.{i}.conv.bias": (256,),
+                 f"pixel_decoder.input_convs.{i}.gn.weight": (256,), f"pixel_decoder.input_convs.{i}.gn.bias": (256,)}
+    linears = {}
+    for i in range(6):
+        layer = f"pixel_decoder.encoder.layers.{i}."
+        linears |= {layer + "self_attn.sampling_offsets": (192, 256), layer + "self_attn.attention_weights": (96, 256),
+                    layer + "self_attn.value_proj": (256, 256), layer + "self_attn.output_proj": (256, 256),
+                    layer + "ffn.layers.0.0": (1024, 256), layer + "ffn.layers.1": (256, 1024),
+                    layer + "norms.0": (256,), layer + "norms.1": (256,)}
+    for i in range(9):
+        layer = f"transformer_decoder.layers.{i}."
+        for attn in ("self_attn", "cross_attn"):
+            head |= {layer + attn + ".attn.in_proj_weight": (768, 256), layer + attn + ".attn.in_proj_bias": (768,)}
+            linears[layer + attn + ".attn.out_proj"] = (256, 256)
+        linears |= {layer + "ffn.layers.0.0": (2048, 256), layer + "ffn.layers.1": (256, 2048),
+                    layer + "norms.0": (256,), layer + "norms.1": (256,), layer + "norms.2": (256,)}
+    linears |= {"transformer_decoder.post_norm": (256,), "cls_embed": (num_classes + 1, 256),
+                "mask_embed.0": (256, 256), "mask_embed.2": (256, 256), "mask_embed.4": (256, 256),
+                "querys2feat": (256, 256), "pixel_decoder.mask_feature": (256, 256, 1, 1)}
+    for name, shape in linears.items():
+        head |= {name + ".weight": shape, name + ".bias": shape[:1]}
+    head |= {"pixel_decoder.level_encoding.weight": (3, 256), "level_embed.weight": (3, 256),
+             "pixel_decoder.lateral_convs.0.conv.weight": (256, dim, 1, 1),
+             "pixel_decoder.lateral_convs.0.gn.weight": (256,), "pixel_decoder.lateral_convs.0.gn.bias": (256,),
+             "pixel_decoder.output_convs.0.conv.weight": (256, 256, 3, 3),
+             "pixel_decoder.output_convs.0.gn.weight": (256,), "pixel_decoder.output_convs.0.gn.bias": (256,)}
+    return keys | {"decode_head." + k: v for k, v in head.items()}
+
+
+def test_official_names_cover_the_release_layout_of_dinov2_l():
+    """Our Rein + head for DINOv2-L, named the official way, has exactly the release's 303 keys and shapes;
+    the head has 20,579,796 parameters."""
+    with torch.device("meta"):
+        model = rein.build_model(backbone="vitl14")
+    ours = {rein.official_name(k): tuple(v.shape) for k, v in model.trainable_state_dict().items()}
+    assert ours == official_release_keys(24, 1024) and len(ours) == 303
+    assert sum(p.numel() for p in model.head.parameters()) == 20_579_796
+
+
+def write_release(path, model, *, drop=(), with_backbone=False):
+    """An official-layout release file (mmengine: meta + state_dict) holding `model`'s weights."""
+    state = {rein.official_name(k): v.clone() for k, v in model.trainable_state_dict().items()}
+    if with_backbone:
+        state |= {"backbone." + k: v.clone() for k, v in model.backbone.vit.state_dict().items()}
+    torch.save({"meta": {"mmseg_version": "1.2.2"}, "state_dict": {k: v for k, v in state.items() if k not in drop}},
+               path)
+
+
+@pytest.mark.parametrize("method", ["rein", "freeze"])
+def test_from_official_loads_a_release_file_strictly_and_predicts_the_same(tmp_path, method):
+    """A random release file of a ViT-S-sized model loads through from_official (backbone from --weights,
+    or inside the file for the frozen baseline) and predicts what the model that wrote it predicts."""
+    model = small_model(method, num_queries=100, head_dim=256, num_classes=19, head_layers=9, encoder_layers=6).eval()
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0, 0.05)
+    write_release(tmp_path / "release.pth", model, with_backbone=method == "freeze")
+    torch.save(model.backbone.vit.state_dict(), tmp_path / "dinov2_converted.pth")
+    loaded = rein.from_official(tmp_path / "release.pth", None if method == "freeze" else
+                                tmp_path / "dinov2_converted.pth")
+    assert not loaded.training and loaded.config["method"] == method
+    assert (loaded.config["num_classes"], loaded.config["head_layers"], loaded.config["encoder_layers"]) == (19, 9, 6)
+    images = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        assert torch.allclose(loaded.predict(images), model.predict(images), atol=1e-5)
+
+
+def test_from_official_on_a_dinov2_l_release_and_through_eval(tmp_path, capsys):
+    """Every key and shape of a DINOv2-L release (built from the list above, random values) loads strictly
+    through from_official and through eval.py --ckpt, with the backbone from --weights."""
+    torch.manual_seed(0)
+    state = {k: torch.randn(shape) * 0.02 for k, shape in official_release_keys(24, 1024).items()}
+    torch.save({"meta": {}, "state_dict": state}, tmp_path / "release.pth")
+    with torch.device("meta"):
+        backbone = vit.build_vit("vitl14", 16)
+    torch.save({k: torch.zeros(v.shape) for k, v in backbone.state_dict().items()}, tmp_path / "dinov2.pth")
+    model = rein.from_official(tmp_path / "release.pth", tmp_path / "dinov2.pth")
+    for key, value in state.items():
+        ours = {rein.official_name(k): v for k, v in model.trainable_state_dict().items()}[key]
+        assert torch.equal(ours, value), key
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(rgb(40, 56)).save(folder / "a.jpg")
+    evaluation.main(evaluation.parse_args(["--ckpt", str(tmp_path / "release.pth"), "--weights",
+                                           str(tmp_path / "dinov2.pth"), "--image", str(folder), "--whole",
+                                           "--save-dir", str(tmp_path / "preds"), "--workers", "0"]))
+    assert Image.open(tmp_path / "preds" / "a.png").size == (56, 40)
+
+
+def test_official_files_and_checkpoints_fail_clearly(tmp_path):
+    """A DINOv2 file as --ckpt, a release for another backbone size, a release missing keys (listed),
+    and a train.py checkpoint of the old head each get a message that says what is wrong."""
+    model = small_model("rein", num_queries=100, head_dim=256)
+    torch.save(model.backbone.vit.state_dict(), tmp_path / "dinov2_vits.pth")
+    with pytest.raises(ValueError, match="holds DINOv2 backbone weights, not a trained segmenter: pass it as --weights"):
+        evaluation.load_checkpoint(tmp_path / "dinov2_vits.pth")
+    write_release(tmp_path / "release.pth", model)
+    with torch.device("meta"):
+        vitb = vit.build_vit("vitb14", 16)
+    torch.save({k: torch.zeros(v.shape) for k, v in vitb.state_dict().items()}, tmp_path / "dinov2_vitb.pth")
+    with pytest.raises(ValueError, match="trained on a backbone of 12 blocks of width 384, but .*dinov2_vitb.pth "
+                                         "holds vitb14 \\(DINOv2, width 768, 12 blocks"):
+        rein.from_official(tmp_path / "release.pth", tmp_path / "dinov2_vitb.pth")
+    write_release(tmp_path / "partial.pth", model, drop=("decode_head.querys2feat.bias",
+                                                        "decode_head.pixel_decoder.encoder.layers.0.norms.1.weight"))
+    with pytest.raises(ValueError, match=r"missing 2 keys \['decode_head.pixel_decoder.encoder.layers.0.norms.1"
+                                         r".weight', 'decode_head.querys2feat.bias'\]"):
+        rein.from_official(tmp_path / "partial.pth", tmp_path / "dinov2_vits.pth")
+    with pytest.raises(ValueError, match="holds no backbone weights: name the DINOv2 weights"):
+        rein.from_official(tmp_path / "release.pth")
+    config = dict(model.config)
+    del config["encoder_layers"]  # as a checkpoint from before the paper's pixel decoder
+    torch.save({"config": config, "model": {}, "optimizer": {}}, tmp_path / "old.pt")
+    for load in (evaluation.load_checkpoint, lambda p: train.load_resume(p, model)):
+        with pytest.raises(ValueError, match="earlier convolutional \\(FPN\\) head"):
+            load(tmp_path / "old.pt")
     with pytest.raises(ValueError, match="unknown method 'lora'; expected one of rein, freeze, full"):
         rein.build_model(method="lora")
 
@@ -1410,15 +1760,15 @@ def test_eval_distributed_counts_every_image_once(tmp_path):
 def test_eval_errors_are_clear(tmp_path):
     """Missing, truncated or foreign checkpoints; unknown datasets; wrong layouts; unwritable --save-dir."""
     ckpt = tmp_path / "last.pt"
-    with pytest.raises(FileNotFoundError, match="missing.pt not found: expected a train.py checkpoint"):
+    with pytest.raises(FileNotFoundError, match="missing.pt not found: expected a train.py checkpoint or an official"):
         evaluation.load_checkpoint(tmp_path / "missing.pt")
     write_checkpoint(ckpt)
     (tmp_path / "cut.pt").write_bytes(ckpt.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="cut.pt cannot be read as a train.py checkpoint"):
+    with pytest.raises(ValueError, match="cut.pt cannot be read as a train.py checkpoint or an official"):
         evaluation.load_checkpoint(tmp_path / "cut.pt")
-    torch.save(vit.build_vit("vits14").state_dict(), tmp_path / "dinov2.pth")
-    with pytest.raises(ValueError, match="not a train.py checkpoint.*found \\['blocks"):
-        evaluation.load_checkpoint(tmp_path / "dinov2.pth")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a train.py checkpoint.*found \\['weights'\\]"):
+        evaluation.load_checkpoint(tmp_path / "other.pth")
     state = torch.load(ckpt, weights_only=True)
     state["config"]["num_queries"] = 9
     torch.save(state, tmp_path / "other.pt")
@@ -1477,11 +1827,12 @@ def test_train_resume_after_sigterm_is_exact(tmp_path):
 
 
 def fake_rand(*size, **kwargs):
-    """Deterministic stand-in for torch.rand: the same 'random' points for an image on any rank."""
+    """Deterministic stand-in for torch.rand: every row (first dimension) the same, so that each mask
+    gets the same 'random' points wherever it stands in the batch, on any rank."""
     size = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
-    n = math.prod(size)
-    values = torch.arange(n, dtype=torch.float64).mul(0.6180339887).remainder(1.0)
-    return values.to(kwargs.get("dtype") or torch.float32).reshape(size).to(kwargs.get("device", "cpu"))
+    values = torch.arange(math.prod(size[1:]), dtype=torch.float64).mul(0.6180339887).remainder(1.0)
+    values = values.to(kwargs.get("dtype") or torch.float32).reshape(size[1:]).expand(size).clone()
+    return values.to(kwargs.get("device", "cpu"))
 
 
 def ddp_steps(rank, world_size, method, port, out):

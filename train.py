@@ -51,11 +51,11 @@ import vit
 PRESETS = {
     # FACTS.md section 4: the recipe behind the paper's GTAV -> Cityscapes, BDD100K, Mapillary table.
     "paper": dict(backbone="vitl14", weights="vitl14", patch_size=16, crop_size=512, batch_size=4, iters=40_000,
-                  lr=1e-4, num_queries=100, head_dim=256, head_layers=9, num_points=12544, eval_every=4000,
+                  lr=1e-4, num_queries=100, head_dim=256, head_layers=9, encoder_layers=6, num_points=12544, eval_every=4000,
                   save_every=1000, window=512, stride=341, workers=4),
     # A few minutes on 2 CPU cores: a random ViT-S, a narrow head, small synthetic scenes.
     "demo": dict(backbone="vits14", weights=None, patch_size=16, crop_size=128, batch_size=8, iters=250,
-                 lr=1e-3, num_queries=20, head_dim=64, head_layers=3, num_points=784, eval_every=250,
+                 lr=1e-3, num_queries=20, head_dim=64, head_layers=3, encoder_layers=2, num_points=784, eval_every=250,
                  save_every=100, window=128, stride=96, workers=2),
 }
 # Validation sets tried when --val is not given; those not found under data/ are skipped.
@@ -85,7 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--num-queries", type=int)
     p.add_argument("--head-dim", type=int)
-    p.add_argument("--head-layers", type=int)
+    p.add_argument("--head-layers", type=int, help="transformer decoder layers of the head (9 in the paper)")
+    p.add_argument("--encoder-layers", type=int, help="deformable-attention layers of the pixel decoder (6 in the "
+                                                      "paper; 0 for the simplest head)")
     p.add_argument("--num-points", type=int, help="points per mask in the loss")
     p.add_argument("--eval-every", type=int, help="validate every N iterations, and at the end")
     p.add_argument("--save-every", type=int, help="write last.pt every N iterations, and at the end")
@@ -234,6 +236,7 @@ def load_resume(path: Path, model: rein.Segmenter) -> dict:
     ckpt = vit.load_file(path, what="a train.py checkpoint to resume")
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
         raise ValueError(f"cannot resume from {path}: it is not a train.py checkpoint")
+    evaluation.check_head_version(ckpt["config"], path)
     if ckpt["config"] != model.config:
         changed = {k: (ckpt["config"].get(k), v) for k, v in model.config.items() if ckpt["config"].get(k) != v}
         raise ValueError(f"cannot resume from {path}: it was trained with other model arguments "
@@ -335,7 +338,8 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
     model = rein.build_model(method=args.method, backbone=args.backbone, weights=args.weights,
                              num_classes=19 if args.bench else train_set.num_classes, patch_size=args.patch_size,
                              num_queries=args.num_queries, head_dim=args.head_dim, head_layers=args.head_layers,
-                             num_points=args.num_points, grad_ckpt=args.grad_ckpt).to(device)
+                             encoder_layers=args.encoder_layers, num_points=args.num_points,
+                             grad_ckpt=args.grad_ckpt).to(device)
     if args.compile:
         model.backbone.compile()
         model.head.compile()

@@ -1,16 +1,27 @@
-"""DINOv2 Vision Transformer, written by hand, that loads the official checkpoints exactly.
+"""DINOv2 and DINOv3 Vision Transformers, written by hand, that load the official checkpoints exactly.
 
-    model = build_vit("vitl14", patch_size=16)     # the Rein paper's setting
-    load_dinov2(model, "vitl14")                    # official weights, converted to patch 16
-    tokens = model(images)                          # (B, 1 + R + h*w, 1024)
+    model = build_vit("vitl14", patch_size=16)     # DINOv2-L at the Rein paper's patch 16
+    load_pretrained(model, "vitl14")                # official weights, converted to patch 16
+    model = build_vit("dinov3_vitl16")              # DINOv3-L (patch 16)
+    load_pretrained(model, "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth")
+    tokens = model(images)                          # (B, 1 + R + h*w, C), R registers / storage tokens
 
 Run `python vit.py vitl14` for a summary of a model (built on the meta device, so it is
 instant and allocates nothing).
 
-The parameter names are those of the official release (FACTS.md section 2), so
-`model.state_dict()` and `dinov2_vitl14_pretrain.pth` have the same keys and, at patch 14,
-the same shapes. rein.py runs the blocks one at a time: `prepare_tokens` gives the input
-tokens and the patch grid, `blocks` are the blocks, `norm` is the final norm.
+The two families (DINOv2, Oquab et al. 2023; DINOv3, Simeoni et al. 2025) share the block
+and differ in a few named places:
+- position: DINOv2 adds an absolute `pos_embed` to the tokens; DINOv3 rotates the patch
+  tokens' queries and keys (RoPE, `rope_embed`) in every attention;
+- extra tokens: DINOv2's optional 4 `register_tokens`, DINOv3's 4 `storage_tokens`;
+  both sit between the class token and the patches and carry no position;
+- the FFN: an MLP for most sizes; SwiGLU for DINOv2-g (one fused `w12`) and DINOv3-S+ and
+  H+ (separate `w1`, `w2`, `w3`);
+- LayerNorm eps 1e-6 (DINOv2) or 1e-5 (DINOv3), and DINOv3's qkv never adds its key bias.
+Parameter and buffer names are those of the official checkpoints, so `model.state_dict()`
+and the official file have the same keys. rein.py runs the blocks one at a time:
+`prepare_tokens` gives the input tokens and the patch grid, `rope` the rotation for that
+grid (None for DINOv2), `blocks` are the blocks, `norm` is the final norm.
 """
 
 import argparse
@@ -26,37 +37,77 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# name: (width, depth, heads, feed-forward network)
+# name: (family, width, depth, heads, feed-forward network)
 ARCHS = {
-    "vits14": (384, 12, 6, "mlp"),
-    "vitb14": (768, 12, 12, "mlp"),
-    "vitl14": (1024, 24, 16, "mlp"),
-    "vitg14": (1536, 40, 24, "swiglu"),
+    "vits14": ("dinov2", 384, 12, 6, "mlp"),
+    "vitb14": ("dinov2", 768, 12, 12, "mlp"),
+    "vitl14": ("dinov2", 1024, 24, 16, "mlp"),
+    "vitg14": ("dinov2", 1536, 40, 24, "swiglu_fused"),
+    "dinov3_vits16": ("dinov3", 384, 12, 6, "mlp"),
+    "dinov3_vits16plus": ("dinov3", 384, 12, 6, "swiglu"),
+    "dinov3_vitb16": ("dinov3", 768, 12, 12, "mlp"),
+    "dinov3_vitl16": ("dinov3", 1024, 24, 16, "mlp"),
+    "dinov3_vith16plus": ("dinov3", 1280, 32, 20, "swiglu"),
 }
 WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_{arch}/dinov2_{arch}{reg}_pretrain.pth"
+# DINOv3's LVD-1689M files (facebookresearch/dinov3, dinov3/hub/backbones.py); access is gated.
+DINOV3_FILES = {
+    "dinov3_vits16": "dinov3_vits16_pretrain_lvd1689m-08c60483.pth",
+    "dinov3_vits16plus": "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth",
+    "dinov3_vitb16": "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth",
+    "dinov3_vitl16": "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth",
+    "dinov3_vith16plus": "dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth",
+}
+
+
+class LinearKMaskedBias(nn.Linear):
+    """DINOv3's qkv projection: its bias is multiplied by the stored `bias_mask`, which is 0 on
+    the key third, so the key bias never applies."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__(dim, out_dim)
+        mask = torch.ones(out_dim)
+        mask[out_dim // 3:2 * out_dim // 3] = 0
+        self.register_buffer("bias_mask", mask)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias * self.bias_mask.to(self.bias.dtype))
+
+
+def rotate(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """RoPE, rotate-half form: x (..., n, D) with its two halves [x1, x2] paired dim j with j + D/2:
+    x * cos + [-x2, x1] * sin, in float32 as DINOv3 computes it."""
+    sin, cos = rope
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection."""
+    """Multi-head self-attention with one fused qkv projection, and RoPE on the patches if given."""
 
-    def __init__(self, *, dim: int, num_heads: int):
+    def __init__(self, *, dim: int, num_heads: int, mask_key_bias: bool = False):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = LinearKMaskedBias(dim, 3 * dim) if mask_key_bias else nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, N, C) -> (B, N, C)."""
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """(B, N, C) -> (B, N, C); rope: sin and cos (h*w, head_dim) for the last h*w tokens."""
         B, N, C = x.shape
         # The checkpoint's qkv output is laid out as (3, heads, head_dim).
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, heads, N, head_dim)
+        if rope is not None:
+            # Only the patches turn; the class and storage tokens have no position.
+            n = N - rope[0].shape[0]
+            q = torch.cat([q[:, :, :n], rotate(q[:, :, n:], rope)], dim=2)
+            k = torch.cat([k[:, :, :n], rotate(k[:, :, n:], rope)], dim=2)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
 class Mlp(nn.Module):
-    """The feed-forward network of ViT-S, B and L: fc1, exact GELU, fc2."""
+    """The feed-forward network of most sizes: fc1, exact GELU, fc2."""
 
     def __init__(self, *, dim: int, hidden: int):
         super().__init__()
@@ -67,8 +118,8 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class SwiGLU(nn.Module):
-    """The feed-forward network of ViT-g: one fused projection split into a gate and a value."""
+class SwiGLUFused(nn.Module):
+    """DINOv2-g's feed-forward network: one fused projection split into a gate and a value."""
 
     def __init__(self, *, dim: int, hidden: int):
         super().__init__()
@@ -80,12 +131,35 @@ class SwiGLU(nn.Module):
         return self.w3(F.silu(gate) * value)
 
 
+class SwiGLU(nn.Module):
+    """DINOv3-S+ and H+'s feed-forward network: w3(silu(w1 x) * w2 x)."""
+
+    def __init__(self, *, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden)
+        self.w2 = nn.Linear(dim, hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+def feed_forward(ffn: str, dim: int) -> nn.Module:
+    """The FFN of a family and size. SwiGLU has two input projections, so it gets 2/3 of the
+    hidden width, rounded up to a multiple of 8: 4096 for DINOv2-g (from 4 * 1536), 1536 and
+    5120 for DINOv3-S+ and H+ (from 6 * width)."""
+    if ffn == "mlp":
+        return Mlp(dim=dim, hidden=4 * dim)
+    ratio, module = (4, SwiGLUFused) if ffn == "swiglu_fused" else (6, SwiGLU)
+    return module(dim=dim, hidden=(int(ratio * dim * 2 / 3) + 7) // 8 * 8)
+
+
 class LayerScale(nn.Module):
     """Per-channel scaling of a residual branch."""
 
     def __init__(self, *, dim: int):
         super().__init__()
-        # DINOv2 trains with LayerScale initialised at 1e-5.
+        # DINOv2 and DINOv3 train with LayerScale initialised at 1e-5.
         self.gamma = nn.Parameter(torch.full((dim,), 1e-5))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -95,64 +169,99 @@ class LayerScale(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
 
-    def __init__(self, *, dim: int, num_heads: int, ffn: str):
+    def __init__(self, *, dim: int, num_heads: int, ffn: str, eps: float, mask_key_bias: bool):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim=dim, num_heads=num_heads)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim=dim, num_heads=num_heads, mask_key_bias=mask_key_bias)
         self.ls1 = LayerScale(dim=dim)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        # SwiGLU has two input projections, so it gets 2/3 of the MLP's 4x hidden width,
-        # rounded up to a multiple of 8 (4096 for ViT-g), as DINOv2 sizes it.
-        swiglu_hidden = (int(4 * dim * 2 / 3) + 7) // 8 * 8
-        self.mlp = Mlp(dim=dim, hidden=4 * dim) if ffn == "mlp" else SwiGLU(dim=dim, hidden=swiglu_hidden)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = feed_forward(ffn, dim)
         self.ls2 = LayerScale(dim=dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x)))
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x), rope))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
-class VisionTransformer(nn.Module):
-    """DINOv2 ViT: patch embedding, [cls, registers, patches] tokens, blocks, final norm.
+class RopePositions(nn.Module):
+    """DINOv3's axial RoPE: per head, 16 periods base^(i/16) for rows and the same for columns.
 
-    `image_size` is the resolution the position embedding is stored for: 518 (a 37 x 37
-    grid) for the official patch-14 models, 512 (32 x 32) for the paper's patch 16.
-    Other input sizes interpolate the position grid.
+    Patch (i, j) of an h x w grid sits at ((i + 0.5) / h, (j + 0.5) / w) mapped to [-1, 1];
+    its angles 2 pi * coordinate / period are the 16 row angles, then the 16 column angles,
+    the whole tiled twice over the head dimension. (DINOv3 jitters the coordinates when
+    training; the backbone here is frozen and never does.)
     """
 
-    def __init__(self, *, dim: int, depth: int, num_heads: int, ffn: str = "mlp",
-                 patch_size: int = 14, num_registers: int = 0, image_size: int = 518):
+    def __init__(self, *, head_dim: int, base: float = 100.0):
+        super().__init__()
+        quarter = head_dim // 4
+        self.register_buffer("periods", base ** (2 * torch.arange(quarter) / (head_dim // 2)))
+
+    def forward(self, h: int, w: int) -> tuple[Tensor, Tensor]:
+        """sin and cos, each (h*w, head_dim), float32."""
+        device = self.periods.device
+        rows = (torch.arange(h, device=device) + 0.5) / h
+        cols = (torch.arange(w, device=device) + 0.5) / w
+        coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).flatten(0, 1) * 2 - 1  # (h*w, 2)
+        angles = 2 * math.pi * coords[:, :, None] / self.periods.float()  # (h*w, 2, head_dim/4)
+        angles = angles.flatten(1).tile(2)  # (h*w, head_dim)
+        return angles.sin(), angles.cos()
+
+
+class VisionTransformer(nn.Module):
+    """DINOv2 or DINOv3 ViT: patch embedding, [cls, extra tokens, patches], blocks, final norm.
+
+    DINOv2: `image_size` is the resolution the position embedding is stored for: 518 (a
+    37 x 37 grid) for the official patch-14 models, 512 (32 x 32) for the paper's patch 16;
+    other input sizes interpolate the position grid. DINOv3 has no stored grid: RoPE works
+    at any size.
+    """
+
+    def __init__(self, *, dim: int, depth: int, num_heads: int, ffn: str = "mlp", patch_size: int = 14,
+                 num_registers: int = 0, image_size: int = 518, family: str = "dinov2"):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-        self.patch_size = patch_size
-        self.num_registers = num_registers
+        self.family, self.patch_size, self.dim = family, patch_size, dim
+        v3 = family == "dinov3"
+        self.num_registers = 4 if v3 else num_registers
         # The original release resizes its position grid with DINO's historical 0.1
         # offset; the register models were trained with a plain, antialiased resize.
         self.interpolate_offset, self.interpolate_antialias = (0.0, True) if num_registers else (0.1, False)
         self.grid = image_size // patch_size
-        self.dim = dim
-        # Keys and shapes follow the official checkpoints, in their order.
+        # Keys and shapes follow the official checkpoints.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
-        # Only used by DINOv2's masked-image pre-training; kept so checkpoints load strictly.
+        if v3:
+            self.storage_tokens = nn.Parameter(torch.zeros(1, 4, dim))
+            self.rope_embed = RopePositions(head_dim=dim // num_heads)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
+            if num_registers:
+                self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, dim))
+        # Only used by masked-image pre-training; kept so that checkpoints load strictly.
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
-        if num_registers:
-            self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, dim))
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
-        self.blocks = nn.ModuleList(Block(dim=dim, num_heads=num_heads, ffn=ffn) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        for p in (self.cls_token, self.pos_embed) + ((self.register_tokens,) if num_registers else ()):
-            nn.init.trunc_normal_(p, std=0.02)
+        eps = 1e-5 if v3 else 1e-6
+        self.blocks = nn.ModuleList(Block(dim=dim, num_heads=num_heads, ffn=ffn, eps=eps, mask_key_bias=v3)
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        for p in (self.cls_token, self.extra_tokens, getattr(self, "pos_embed", None)):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+
+    @property
+    def extra_tokens(self) -> Tensor | None:
+        """DINOv2's registers or DINOv3's storage tokens (1, R, C), or None."""
+        return getattr(self, "storage_tokens", getattr(self, "register_tokens", None))
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patches: the class token and the registers."""
+        """Tokens before the patches: the class token and the registers or storage tokens."""
         return 1 + self.num_registers
 
     def interpolate_pos_embed(self, h: int, w: int) -> Tensor:
-        """The position embedding for an h x w patch grid, (1, 1 + h*w, C).
+        """DINOv2's position embedding for an h x w patch grid, (1, 1 + h*w, C).
 
         Bicubic, in float32. Without registers, with DINOv2's historical 0.1 offset: the
         scale factor is (h + 0.1) / grid, so the output has h rows but the sampling
@@ -183,45 +292,73 @@ class VisionTransformer(nn.Module):
         h, w = H // p, W // p
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)  # (B, h*w, C)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + h*w, C)
-        x = x + self.interpolate_pos_embed(h, w)
+        if self.family == "dinov2":
+            x = x + self.interpolate_pos_embed(h, w)
         if self.num_registers:
-            # Registers go between the class token and the patches, with no position.
-            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
+            # Registers or storage tokens go between the class token and the patches, with no position.
+            x = torch.cat([x[:, :1], self.extra_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
         return x, (h, w)
+
+    def rope(self, h: int, w: int) -> tuple[Tensor, Tensor] | None:
+        """DINOv3's rotation (sin, cos) of an h x w grid for every block; None for DINOv2."""
+        return self.rope_embed(h, w) if self.family == "dinov3" else None
 
     def forward(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W), normalised -> final-norm tokens (B, 1 + R + h*w, C)."""
-        x, _ = self.prepare_tokens(images)
+        x, (h, w) = self.prepare_tokens(images)
+        rope = self.rope(h, w)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rope)
         return self.norm(x)
 
 
 def build_vit(arch: str, patch_size: int = 14, num_registers: int = 0) -> VisionTransformer:
-    """Builds one of ARCHS with random weights; the position grid is 518/14 or 512/patch."""
+    """Builds one of ARCHS with random weights. DINOv2: the position grid is 518/14 or
+    512/patch; `num_registers` 0 or 4. DINOv3: patch 16, always 4 storage tokens."""
     if arch not in ARCHS:
         raise ValueError(f"unknown ViT arch {arch!r}; expected one of {', '.join(ARCHS)}")
-    if num_registers not in (0, 4):
-        raise ValueError(f"num_registers must be 0 or 4 (the official checkpoints), got {num_registers}")
-    dim, depth, heads, ffn = ARCHS[arch]
+    family, dim, depth, heads, ffn = ARCHS[arch]
+    if family == "dinov3" and (patch_size, num_registers) != (16, 0):
+        raise ValueError(f"{arch} has patch 16 and its own 4 storage tokens; got patch size {patch_size} and "
+                         f"{num_registers} registers")
+    if family == "dinov2" and (num_registers not in (0, 4) or patch_size < 1):
+        raise ValueError(f"{arch}: num_registers must be 0 or 4 (the official checkpoints) and the patch size "
+                         f"positive; got {num_registers} and {patch_size}")
+    # DINOv2's stored position grid: 37 x 37 at patch 14, else the grid of a 512-pixel crop.
+    image_size = 518 if patch_size == 14 else 512 // patch_size * patch_size
     return VisionTransformer(dim=dim, depth=depth, num_heads=heads, ffn=ffn, patch_size=patch_size,
-                             num_registers=num_registers, image_size=518 if patch_size == 14 else 512)
+                             num_registers=num_registers, image_size=image_size, family=family)
 
 
 def describe(state: dict[str, Tensor]) -> tuple[str, str]:
-    """The shape and the name of a DINOv2 state dict: ('width 1024, 24 blocks, 4 registers', 'vitl14_reg4')."""
+    """What a DINOv2 or DINOv3 state dict is: ('DINOv3, width 1024, 24 blocks, 4 storage tokens', 'dinov3_vitl16')."""
+    family = "dinov3" if "storage_tokens" in state else "dinov2"
     dim = state["cls_token"].shape[-1]
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    regs = state["register_tokens"].shape[1] if "register_tokens" in state else 0
-    names = [a for a, (d, n, _, _) in ARCHS.items() if (d, n) == (dim, depth)]
-    name = (names[0] if names else "no official model") + ("_reg4" if names and regs == 4 else "")
-    return f"width {dim}, {depth} blocks, {regs} registers", name
+    ffn = "swiglu_fused" if "blocks.0.mlp.w12.weight" in state else "swiglu" if "blocks.0.mlp.w1.weight" in state \
+        else "mlp"
+    extra = state.get("storage_tokens", state.get("register_tokens"))
+    extra = 0 if extra is None else extra.shape[1]
+    names = [a for a, spec in ARCHS.items() if spec == (family, dim, depth, spec[3], ffn)]
+    name = (names[0] if names else "no official model") + ("_reg4" if family == "dinov2" and extra == 4 else "")
+    tokens = f"{extra} storage tokens" if family == "dinov3" else f"{extra} registers"
+    return f"{family.replace('dino', 'DINO')}, width {dim}, {depth} blocks, {ffn} FFN, {tokens}", name
 
 
 def resolve_source(source: str) -> str:
-    """A short name such as 'vitl14_reg4' -> its official URL; anything else unchanged."""
-    match = re.fullmatch(r"(vit[sblg]14)(_reg4)?", source)
-    return WEIGHTS_URL.format(arch=match[1], reg=match[2] or "") if match else source
+    """A short name such as 'vitl14_reg4' -> its official URL; anything else unchanged.
+
+    DINOv3's files are gated, so a DINOv3 name cannot download: the error says where to
+    ask for them and which file to pass.
+    """
+    if match := re.fullmatch(r"(vit[sblg]14)(_reg4)?", source):
+        return WEIGHTS_URL.format(arch=match[1], reg=match[2] or "")
+    if source in DINOV3_FILES:
+        raise FileNotFoundError(
+            f"DINOv3 weights cannot be downloaded by name: Meta gives them out on request (see the "
+            f"facebookresearch/dinov3 README), with download links by e-mail. Download "
+            f"{DINOV3_FILES[source]} and pass its path or URL, e.g. --weights checkpoints/{DINOV3_FILES[source]}")
+    return source
 
 
 def load_file(path: str | os.PathLike, *, what: str, mmap: bool = False):
@@ -249,55 +386,44 @@ def read_checkpoint(source: str | os.PathLike) -> dict[str, Tensor]:
             try:
                 torch.hub.download_url_to_file(source, str(path), progress=True)
             except OSError as e:
-                raise FileNotFoundError(f"could not download DINOv2 weights from {source}: {e}") from e
+                raise FileNotFoundError(f"could not download weights from {source}: {e}") from e
     else:
         path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"DINOv2 weights {path} not found; expected a .pth file, an http(s) or "
+        raise FileNotFoundError(f"backbone weights {path} not found; expected a .pth file, an http(s) or "
                                 f"file:// URL, or a name such as vitl14 or vitl14_reg4")
     # mmap: the tensors stay in the page cache and are assigned, never copied.
-    state = load_file(path, what="DINOv2 weights", mmap=True)
+    state = load_file(path, what="DINOv2 or DINOv3 weights", mmap=True)
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of DINOv2 weights")
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of DINOv2 or DINOv3 weights")
     return state
 
 
-def load_dinov2(model: VisionTransformer, source: str | os.PathLike | dict[str, Tensor]) -> VisionTransformer:
-    """Loads official DINOv2 weights into `model`, strictly, with nothing renamed.
+def load_pretrained(model: VisionTransformer, source: str | os.PathLike | dict[str, Tensor]) -> VisionTransformer:
+    """Loads official DINOv2 or DINOv3 weights into `model`, strictly, with nothing renamed.
 
-    `source`: a path to a .pth file, an http(s) or file URL, a short name (vits14, vitb14,
-    vitl14, vitg14, with optional _reg4) that resolves to the official URL, or a state dict.
-    If the model's patch size or position grid differ from the checkpoint's (patch 16 for
-    the Rein paper), the patch kernel and the position grid are resized bicubically, as
-    the official Rein release converts DINOv2. The model may live on the meta device:
-    tensors are assigned, so loading never holds a second copy of the weights.
+    `source`: a path to a .pth file, an http(s) or file URL, a DINOv2 short name (vits14,
+    vitb14, vitl14, vitg14, with optional _reg4) that resolves to the official URL, or a
+    state dict. If a DINOv2 model's patch size or position grid differ from the
+    checkpoint's (patch 16 for the Rein paper), the patch kernel and the position grid are
+    resized bicubically, as the official Rein release converts DINOv2. The model may live
+    on the meta device: tensors are assigned, so loading never holds a second copy.
     """
     state = dict(source) if isinstance(source, dict) else read_checkpoint(resolve_source(str(source)))
     origin = "the given state dict" if isinstance(source, dict) else str(source)
     if "cls_token" not in state:
-        raise ValueError(f"{origin} is not a DINOv2 state dict: expected keys like cls_token, pos_embed, "
+        raise ValueError(f"{origin} is not a DINOv2 or DINOv3 state dict: expected keys like cls_token, "
                          f"blocks.0.attn.qkv.weight; found {list(state)[:5]}")
     (found, found_name), (wanted, wanted_name) = describe(state), describe(model.state_dict())
     if found != wanted:
         raise ValueError(f"{origin} has {found}: this is {found_name}, not {wanted_name} ({wanted})")
-
-    kernel = state["patch_embed.proj.weight"]
-    p = model.patch_size
-    if kernel.shape[-1] != p:
-        state["patch_embed.proj.weight"] = F.interpolate(
-            kernel.float(), size=(p, p), mode="bicubic", align_corners=False)
-    pos = state["pos_embed"]
-    grid = math.isqrt(pos.shape[1] - 1)
-    if grid != model.grid:
-        patch_pos = pos[:, 1:].float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, C, grid, grid)
-        patch_pos = F.interpolate(patch_pos, size=(model.grid, model.grid), mode="bicubic", align_corners=False)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, model.grid**2, -1)  # (1, grid'^2, C)
-        state["pos_embed"] = torch.cat([pos[:, :1].float(), patch_pos], dim=1)
+    if model.family == "dinov2":
+        state |= convert_dinov2(state, model)
 
     own = model.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if missing or unexpected:
-        raise ValueError(f"{origin} does not match the DINOv2 layout: missing keys {missing[:10]}"
+        raise ValueError(f"{origin} does not match the {model.family} layout: missing keys {missing[:10]}"
                          f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
                          f"{' ...' if len(unexpected) > 10 else ''}")
     bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if state[k].shape != v.shape]
@@ -309,24 +435,50 @@ def load_dinov2(model: VisionTransformer, source: str | os.PathLike | dict[str, 
     return model
 
 
+def convert_dinov2(state: dict[str, Tensor], model: VisionTransformer) -> dict[str, Tensor]:
+    """The patch kernel and position grid of a DINOv2 checkpoint resized to `model`'s, where they differ."""
+    converted = {}
+    kernel, p = state["patch_embed.proj.weight"], model.patch_size
+    if kernel.shape[-1] != p:
+        converted["patch_embed.proj.weight"] = F.interpolate(kernel.float(), size=(p, p), mode="bicubic",
+                                                             align_corners=False)
+    pos = state["pos_embed"]
+    grid = math.isqrt(pos.shape[1] - 1)
+    if grid != model.grid:
+        patch_pos = pos[:, 1:].float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, C, grid, grid)
+        patch_pos = F.interpolate(patch_pos, size=(model.grid, model.grid), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, model.grid**2, -1)  # (1, grid'^2, C)
+        converted["pos_embed"] = torch.cat([pos[:, :1].float(), patch_pos], dim=1)
+    return converted
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Summarise a DINOv2 ViT, optionally loading weights.")
-    parser.add_argument("arch", nargs="?", default="vitl14", help=f"one of {', '.join(ARCHS)}")
-    parser.add_argument("--patch-size", type=int, default=14)
-    parser.add_argument("--registers", type=int, default=0)
+    parser = argparse.ArgumentParser(description="Summarise a DINOv2 or DINOv3 ViT, optionally loading weights.")
+    parser.add_argument("arch", nargs="?", default="vitl14",
+                        help=f"one of {', '.join(ARCHS)}; DINOv2 names may end in _reg4 (4 registers)")
+    parser.add_argument("--patch-size", type=int, help="DINOv2 only (default 14); DINOv3 has 16")
     parser.add_argument("--weights", help="path, URL or name of official weights to load and check")
     args = parser.parse_args()
+    arch, _, reg = args.arch.partition("_reg")
+    if arch not in ARCHS or reg not in ("", "4") or (reg and ARCHS[arch][0] != "dinov2"):
+        parser.error(f"unknown arch {args.arch!r}; expected one of {', '.join(ARCHS)} (DINOv2 ones optionally "
+                     f"with _reg4)")
+    family, dim, depth, heads, ffn = ARCHS[arch]
+    patch = args.patch_size or (14 if family == "dinov2" else 16)
+    if patch < 1:
+        parser.error(f"--patch-size must be a positive number of pixels, got {patch}")
     with torch.device("meta"):
-        model = build_vit(args.arch, args.patch_size, args.registers)
-    dim, depth, heads, ffn = ARCHS[args.arch]
+        try:
+            model = build_vit(arch, patch, int(reg or 0))
+        except ValueError as e:
+            parser.error(str(e))
     n = sum(p.numel() for p in model.parameters())
+    print(f"{args.arch}: {family}, width {dim}, {depth} blocks, {heads} heads, {ffn} FFN, patch {model.patch_size}, "
+          f"{model.num_registers} {'storage tokens' if family == 'dinov3' else 'registers'}, {n:,} parameters")
     side = model.grid * model.patch_size
-    print(f"{args.arch}: width {dim}, {depth} blocks, {heads} heads, {ffn} FFN, patch {model.patch_size}, "
-          f"{args.registers} registers")
-    print(f"position grid {model.grid}x{model.grid} ({side}x{side} inputs), {n:,} parameters")
-    print(f"a {side}x{side} image gives {1 + args.registers + model.grid**2} tokens of width {dim}")
+    print(f"a {side}x{side} image gives {model.num_prefix_tokens + model.grid**2} tokens of width {dim}")
     if args.weights:
-        load_dinov2(model, args.weights)
+        load_pretrained(model, args.weights)
         # Read every weight once so that all of them are resident, then report the peak.
         total = sum(p.double().sum().item() for p in model.parameters())
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -336,4 +488,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
