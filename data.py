@@ -256,7 +256,7 @@ def _read_label(path: Path, *, first_channel: bool) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------
-# Training augmentation (FACTS.md section 4) and test-time resizing
+# Training augmentation (the official Rein configs' mmseg pipeline) and test-time resizing
 # ----------------------------------------------------------------------------------------
 
 def choose_crop(label: np.ndarray, crop_size: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -513,7 +513,7 @@ class CombinedDataset(ConcatDataset):
 
 
 # ----------------------------------------------------------------------------------------
-# Distributed layouts (FACTS.md section 5)
+# Distributed layouts, as each dataset's own release lays its files out
 # ----------------------------------------------------------------------------------------
 
 DATA_ROOTS = {
@@ -659,27 +659,45 @@ def _acdc_files(root: Path, split: str, subset: str | None) -> _Files:
 
 
 def _folder_classes(root: Path) -> tuple[str, ...]:
-    """Class names from root/classes.txt (one per line), else class_0..class_{K-1} where K is
-    the largest label value below 255, plus one, over every label file under root/labels."""
+    """Class names from root/classes.txt (one per line), else class_0..class_{K-1} for label
+    values 0..K-1 found over every label file under root/labels.
+
+    Without classes.txt, label values that cannot be meant as 0..K-1 are refused with what
+    they probably mean: a 0/255 binary mask (255 is "ignore" here), a single class, or ids
+    with gaps (a stray value would otherwise make a model of that many classes).
+    """
     names_file = root / "classes.txt"
     if names_file.is_file():
         names = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
-        if not 0 < len(names) <= 255:
-            raise ValueError(f"{names_file} lists {len(names)} class names; expected 1..255, one per line")
+        if not 2 <= len(names) <= 255:
+            raise ValueError(f"{names_file} lists {len(names)} class names; expected 2..255, one per line "
+                             f"(a binary task has two: e.g. background and the object)")
         return names
     _expect(root, "folder", ["images", "labels"])
     files = sorted(p for p in (root / "labels").rglob("*") if p.suffix.lower() in LABEL_SUFFIXES)
     if not files:
         raise ValueError(f"no label files ({', '.join(LABEL_SUFFIXES)}) under {root / 'labels'}")
-    top = -1
+    found = set()
     for path in files:
-        values = _read_label(path, first_channel=False)
-        values = values[values < IGNORE]
-        top = max(top, int(values.max()) if values.size else -1)
-    if top < 0:
-        raise ValueError(f"every label pixel under {root / 'labels'} is 255 (ignore); "
-                         "expected class ids 0..K-1")
-    return tuple(f"class_{i}" for i in range(top + 1))
+        found |= set(np.unique(_read_label(path, first_channel=False)).tolist())
+    values = sorted(v for v in found if v != IGNORE)
+    fix = f"renumber the classes 0..K-1 (255 = ignore), or list their names in {names_file}"
+    if not values:
+        raise ValueError(f"every label pixel under {root / 'labels'} is 255 (ignore); expected class ids 0..K-1")
+    if values == [0] and IGNORE in found:
+        raise ValueError(f"the labels under {root / 'labels'} hold only 0 and 255: binary masks with 255 as the "
+                         f"object? Here 255 means 'ignore', so nothing would be learnt. Save the object as 1 "
+                         f"(e.g. mask // 255) and the background as 0")
+    if len(values) == 1:
+        raise ValueError(f"the labels under {root / 'labels'} hold one class only (value {values[0]}): there is "
+                         f"nothing to tell apart; {fix}")
+    if len(values) != values[-1] + 1:
+        missing = sorted(set(range(values[-1] + 1)) - set(values))
+        raise ValueError(f"the labels under {root / 'labels'} hold the values {values[:20]}, so a model of "
+                         f"{values[-1] + 1} classes would be built, but {len(missing)} ids never occur "
+                         f"({missing[:10]}{' ...' if len(missing) > 10 else ''}); a stray value is a wrong pixel: "
+                         f"set it to 255 (ignore), or {fix}")
+    return tuple(f"class_{i}" for i in range(len(values)))
 
 
 def _folder_files(root: Path, split: str, subset: str | None) -> _Files:

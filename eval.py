@@ -1,6 +1,6 @@
 """Evaluation on unseen domains: sliding-window inference, exact mIoU, pictures to look at.
 
-    python eval.py --ckpt runs/synthetic/last.pt --data synthetic:real,synthetic:fog
+    python eval.py --ckpt runs/synthetic_game/last.pt --data synthetic:photo,synthetic:fog
     python eval.py --ckpt RUN/last.pt --data cityscapes,bdd,mapillary --json results.json
     python eval.py --ckpt RUN/last.pt --data cityscapes --split test --save-dir preds --format labelids
     python eval.py --ckpt RUN/last.pt --image photos/ street.jpg --save-dir preds
@@ -17,6 +17,7 @@ matrices are summed, so the result is exactly that of one process. train.py call
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import warnings
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from tqdm import tqdm
 
@@ -147,11 +148,34 @@ def overlay(rgb: np.ndarray, pred: np.ndarray, palette: np.ndarray, label: np.nd
     return blend if label is None else np.concatenate([blend, data.colorize(label, palette)], axis=1)
 
 
-def save_prediction(path: Path, pred: np.ndarray, fmt: str, *, rgb: np.ndarray, palette: np.ndarray,
-                    label: np.ndarray | None, to_raw: np.ndarray | None) -> None:
-    """Writes one PNG at full resolution: a colour overlay, benchmark label ids, or train ids."""
+def legend(picture: np.ndarray, shown: np.ndarray, classes: tuple[str, ...], palette: np.ndarray,
+           title: str) -> np.ndarray:
+    """A white strip under the picture: the title, then a colour swatch and the name of each class shown."""
+    font = ImageFont.load_default()
+    width, line = picture.shape[1], 16
+    entries, x, y = [], 4, line + 4
+    for k in shown:
+        size = 14 + int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(classes[k], font=font)) + 12
+        if x + size > width and x > 4:
+            x, y = 4, y + line
+        entries.append((k, x, y))
+        x += size
+    strip = Image.new("RGB", (width, y + line + 2), "white")
+    draw = ImageDraw.Draw(strip)
+    draw.text((4, 2), title, fill="black", font=font)
+    for k, x, y in entries:
+        draw.rectangle((x, y + 1, x + 10, y + 11), fill=tuple(int(c) for c in palette[k]), outline="black")
+        draw.text((x + 14, y), classes[k], fill="black", font=font)
+    return np.concatenate([picture, np.asarray(strip)], axis=0)
+
+
+def save_prediction(path: Path, pred: np.ndarray, fmt: str, *, rgb: np.ndarray, classes: tuple[str, ...],
+                    palette: np.ndarray, label: np.ndarray | None, to_raw: np.ndarray | None) -> None:
+    """Writes one PNG at full resolution: a colour overlay with a legend, benchmark label ids, or train ids."""
     if fmt == "color":
-        picture = overlay(rgb, pred, palette, label)
+        shown = np.unique(pred) if label is None else np.union1d(np.unique(pred), np.unique(label))
+        title = "prediction over the image" + ("" if label is None else " (left), ground truth (right)")
+        picture = legend(overlay(rgb, pred, palette, label), shown[shown < len(classes)], classes, palette, title)
     elif fmt == "labelids":
         picture = to_raw[pred]
     else:
@@ -203,7 +227,8 @@ def evaluate(model: rein.Segmenter, dataset, *, device: torch.device, slide: boo
         if save_dir is not None and (save_limit is None or n < save_limit):
             rgb, raw_label = dataset.read(sample["index"])
             save_prediction(save_dir / f"{sample['name']}.png", pred.cpu().numpy(), fmt, rgb=rgb,
-                            palette=dataset.palette, label=raw_label if dataset.has_labels else None, to_raw=to_raw)
+                            classes=dataset.classes, palette=dataset.palette,
+                            label=raw_label if dataset.has_labels else None, to_raw=to_raw)
     if world_size > 1:
         dist.all_reduce(conf)
     return scores_from_confusion(conf.cpu()) | dict(images=len(dataset), confusion=conf.cpu())
@@ -251,6 +276,12 @@ def dataset_kwargs(name: str, split: str, run_args: dict) -> dict:
         crop = run_args.get("crop_size", 512)
         return dict(image_size=(2 * crop, crop), length=SYNTHETIC_LENGTH[split], seed=run_args.get("seed", 0))
     return {}
+
+
+def folder_name(dataset: str) -> str:
+    """A dataset name as one safe folder name: 'synthetic:fog' -> 'synthetic_fog', '/abs/my data' -> 'abs_my_data'.
+    (A name that is a path must never send files into that path.)"""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("_.") or "dataset"
 
 
 def check_head_version(config: dict, path: str | Path) -> None:
@@ -304,29 +335,42 @@ def setup_distributed() -> torch.device:
     return torch.device("cpu")
 
 
-def image_files(paths: list[str]) -> list[Path]:
-    """The files named, and the files inside the folders named, sorted."""
-    files = []
+def image_outputs(paths: list[str], save_dir: Path) -> list[tuple[Path, Path]]:
+    """(input, output PNG) for the files named and the files inside the folders named.
+
+    A folder's sub-folders are kept under save_dir. An output is the input's name with
+    .png, or the whole name plus .png where two inputs would share it (a.jpg and a.png);
+    one that would overwrite an input is refused.
+    """
+    pairs = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file())
+            pairs += [(f, f.relative_to(p)) for f in sorted(p.rglob("*")) if f.is_file()]
         elif p.is_file():
-            files.append(p)
+            pairs.append((p, Path(p.name)))
         else:
             raise FileNotFoundError(f"--image {p}: no such file or folder")
-    return files
+    stems = [rel.with_suffix("") for _, rel in pairs]
+    outputs = [save_dir / (rel.with_suffix(".png") if stems.count(stem) == 1 else rel.parent / f"{rel.name}.png")
+               for (_, rel), stem in zip(pairs, stems)]
+    inputs = {f.resolve() for f, _ in pairs}
+    clash = [str(o) for o in outputs if o.resolve() in inputs] or \
+        [str(o) for i, o in enumerate(outputs) if o in outputs[:i]]
+    if clash:
+        raise ValueError(f"--save-dir {save_dir} would overwrite {clash[:3]} (inputs, or two predictions of the "
+                         f"same name); choose another --save-dir")
+    return [(f, o) for (f, _), o in zip(pairs, outputs)]
 
 
 @torch.inference_mode()
 def predict_images(model: rein.Segmenter, paths: list[str], save_dir: Path, *, device: torch.device,
                    test_size: tuple[int, int] | None, slide: bool, window: int, stride: int,
-                   palette: np.ndarray) -> int:
+                   classes: tuple[str, ...], palette: np.ndarray) -> int:
     """Coloured predictions for the user's own pictures, seen at `test_size` (long, short) or as
     they are (None); files that are not images are skipped with a warning."""
     rank, world_size = world()
-    files = image_files(paths)[rank::world_size]
     written = 0
-    for f in tqdm(files, desc="predict", disable=rank > 0):
+    for f, out in tqdm(image_outputs(paths, save_dir)[rank::world_size], desc="predict", disable=rank > 0):
         try:
             rgb = np.asarray(Image.open(f).convert("RGB"))
         except OSError as e:
@@ -334,21 +378,19 @@ def predict_images(model: rein.Segmenter, paths: list[str], save_dir: Path, *, d
             continue
         image = data.to_test_tensor(rgb, test_size).to(device)
         pred = predict_labels(model, image, rgb.shape[:2], slide=slide, window=window, stride=stride).cpu().numpy()
-        save_prediction(save_dir / f"{f.stem}.png", pred, "color", rgb=rgb, palette=palette, label=None,
-                        to_raw=None)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_prediction(out, pred, "color", rgb=rgb, classes=classes, palette=palette, label=None, to_raw=None)
         written += 1
     return written
 
 
 def check_writable(folder: Path, flag: str) -> None:
-    """Fails before any work if `folder` (given as `flag`) cannot be created and written to."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"{flag} {folder} is not writable: {e}") from e
+    """Fails before any work if `folder` (given as `flag`) could not be created or written to.
+    Creates nothing: a run that fails to start leaves no folder behind."""
+    existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {folder} is not writable: {existing} is "
+                              f"{'not a folder' if not existing.is_dir() else 'read-only for this user'}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -357,22 +399,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", required=True, help="a train.py checkpoint (e.g. runs/NAME/last.pt) or an official "
                                                  "Rein release file")
     p.add_argument("--data", help="datasets to evaluate, NAME[=ROOT],... (see data.py)")
-    p.add_argument("--split", default="val", help="dataset split")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"), help="dataset split")
     p.add_argument("--weights", help="where the frozen DINOv2 weights come from (path, URL or name, e.g. the "
                                      "release's dinov2_converted.pth); default: as recorded in the checkpoint")
     p.add_argument("--image", nargs="+", help="your own image files or folders: coloured predictions, no labels")
     p.add_argument("--save-dir", type=Path, help="write one PNG per image here")
     p.add_argument("--format", choices=FORMATS, default="color",
-                   help="color: overlay beside the label; labelids: Cityscapes ids for benchmark servers")
+                   help="with --data: color, an overlay beside the label; labelids, the dataset's own label ids "
+                        "for benchmark servers; trainids. --image writes color")
     p.add_argument("--json", type=Path, help="write every figure here as JSON")
     p.add_argument("--whole", action="store_true", help="whole-image inference instead of sliding windows")
     p.add_argument("--window", type=int, help="sliding window size; default: the checkpoint's (512 in the paper)")
     p.add_argument("--stride", type=int, help="sliding window stride; default: the checkpoint's (341 in the paper)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--workers", type=int, default=4, help="data loading processes")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading processes")
     args = p.parse_args(argv)
     if args.image and not args.save_dir:
         p.error("--image needs --save-dir to write the predictions to")
+    if args.image and args.format != "color":
+        p.error(f"--format {args.format} needs a dataset's label ids (--data); --image writes colour overlays")
+    for key in ("window", "stride", "batch_size"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    if args.workers < 0:
+        p.error(f"--workers must be at least 0, got {args.workers}")
     if not args.image and not args.data:
         p.error("say what to evaluate: --data NAME[=ROOT],... or --image PATH")
     return args
@@ -390,12 +440,14 @@ def main(args: argparse.Namespace) -> dict | None:
     stride = args.stride or trained.get("stride", 341)
     results = None
     if args.image:
-        palette = data.palette_for(model.config["num_classes"])
+        K = model.config["num_classes"]
+        classes = data.CITYSCAPES_CLASSES if K == len(data.CITYSCAPES_CLASSES) else tuple(f"class_{k}" for k in range(K))
         # Pictures are seen at the test scale of the data the model learnt from (GTAV for the
         # official release files).
         source = data.first_source(trained.get("data", "gta"))
         n = predict_images(model, args.image, args.save_dir, device=device, test_size=data.TEST_SIZES.get(source),
-                           slide=not args.whole, window=window, stride=stride, palette=palette)
+                           slide=not args.whole, window=window, stride=stride, classes=classes,
+                           palette=data.palette_for(K))
         print(f"rank {rank}: wrote {n} predictions to {args.save_dir}")
     else:
         datasets = [data.build_dataset(name, root, args.split, train=False,
@@ -408,11 +460,14 @@ def main(args: argparse.Namespace) -> dict | None:
             if not ds.has_labels and not args.save_dir:
                 raise ValueError(f"{ds.name} {args.split} has no labels to score; add --save-dir to write "
                                  f"its predictions")
+            if args.format == "labelids" and not hasattr(ds, "lut"):
+                raise ValueError(f"--format labelids writes a dataset's own label ids, and {ds.name} has none "
+                                 f"(generated or combined data); use --format trainids or color")
         results = {}
         for ds in datasets:
             out_dir = None
             if args.save_dir:
-                out_dir = args.save_dir / ds.name.replace(":", "_")
+                out_dir = args.save_dir / folder_name(ds.name)
                 out_dir.mkdir(parents=True, exist_ok=True)
             result = evaluate(model, ds, device=device, slide=not args.whole, window=window, stride=stride,
                               batch_size=args.batch_size, workers=args.workers, save_dir=out_dir, fmt=args.format)

@@ -34,15 +34,16 @@ METHODS = ("rein", "freeze", "full")
 # of the depth. Other depths use the same fractions.
 FEATURE_DEPTHS = (1 / 3, 1 / 2, 2 / 3, 1)
 # Under `full`, the backbone learns at this fraction of the head's learning rate, as in the
-# official configs; without it, full fine-tuning collapses (FACTS.md section 4).
+# official configs; without it, full fine-tuning collapses (users of the official code saw the
+# mean mIoU fall to about 32).
 FULL_BACKBONE_LR_MULT = 0.1
-# Parameters trained without weight decay, by name (FACTS.md section 4); the head's query
+# Parameters trained without weight decay, by name (the official configs' custom keys); the head's query
 # features and positions and its level embedding are embeddings in Mask2Former's sense.
 NO_WEIGHT_DECAY = ("norm", "learnable_tokens", "query_feat", "query_embed", "level_embed")
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. The Rein layer (FACTS.md section 1)
+# 1. The Rein layer (the paper's Section 3, low-rank tokens as in its official release)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -49,14 +49,14 @@ import rein
 import vit
 
 PRESETS = {
-    # FACTS.md section 4: the recipe behind the paper's GTAV -> Cityscapes, BDD100K, Mapillary table.
-    "paper": dict(backbone="vitl14", weights="vitl14", patch_size=16, crop_size=512, batch_size=4, iters=40_000,
+    # The recipe behind the paper's GTAV -> Cityscapes, BDD100K, Mapillary table (Table 2; official configs).
+    "paper": dict(backbone="vitl14", patch_size=16, crop_size=512, batch_size=4, iters=40_000,
                   lr=1e-4, num_queries=100, head_dim=256, head_layers=9, encoder_layers=6, num_points=12544, eval_every=4000,
                   save_every=1000, window=512, stride=341, workers=4),
     # A few minutes on 2 CPU cores: a random ViT-S, a narrow head, small synthetic scenes.
-    "demo": dict(backbone="vits14", weights=None, patch_size=16, crop_size=128, batch_size=8, iters=250,
-                 lr=1e-3, num_queries=20, head_dim=64, head_layers=3, encoder_layers=2, num_points=784, eval_every=250,
-                 save_every=100, window=128, stride=96, workers=2),
+    "demo": dict(backbone="vits14", weights=None, patch_size=16, crop_size=96, batch_size=6, iters=250,
+                 lr=1e-3, num_queries=20, head_dim=64, head_layers=3, encoder_layers=1, num_points=784, eval_every=250,
+                 save_every=100, window=96, stride=72, workers=2),
 }
 # Validation sets tried when --val is not given; those not found under data/ are skipped.
 DEFAULT_VAL = {"cityscapes": "cityscapes,acdc,bdd,mapillary", "gta": "cityscapes,bdd,mapillary",
@@ -64,18 +64,37 @@ DEFAULT_VAL = {"cityscapes": "cityscapes,acdc,bdd,mapillary", "gta": "cityscapes
                "synthetic": ",".join(f"synthetic:{d}" for d in data.SYNTHETIC_DOMAINS)}
 
 
+class PresetHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, and for the options a preset fills in, both presets' values."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        key = action.dest
+        if key in PRESETS["paper"] or key in PRESETS["demo"]:
+            values = {name: preset.get(key, "the backbone's own" if key == "weights" else None)
+                      for name, preset in PRESETS.items()}
+            return f"{action.help or ''} (demo: {values['demo']}; paper: {values['paper']})".strip()
+        return super()._get_help_string(action) if action.default is not None else action.help or ""
+
+
+# Options that may change when a run resumes: they do not change what the run computes.
+RESUMABLE_CHANGES = ("out", "resume", "workers", "log_every", "save_every", "eval_every", "compile", "grad_ckpt",
+                     "fp32", "val")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train Rein for domain-generalised semantic segmentation.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=PresetHelp)
     p.add_argument("--data", default="synthetic:game",
                    help="training data, NAME[=ROOT]; sources joined by +, e.g. gta+synthia (see data.py)")
     p.add_argument("--val", help="validation datasets, NAME[=ROOT],...; default: the usual targets found under data/")
-    p.add_argument("--preset", choices=PRESETS, help="defaults for every option left out: paper, or demo "
-                                                      "(the default for synthetic data)")
+    p.add_argument("--preset", choices=PRESETS, help="defaults for every option left out; default: demo for "
+                                                      "synthetic data, paper for any other --data")
     p.add_argument("--method", default="rein", choices=rein.METHODS,
                    help="rein: Rein and the head train; freeze: the head only; full: everything")
-    p.add_argument("--backbone", help="vits14, vitb14, vitl14 or vitg14, optionally with _reg4")
-    p.add_argument("--weights", help="DINOv2 weights: a path, a URL, or a name such as vitl14 (downloaded once)")
+    p.add_argument("--backbone", help="DINOv2: vits14, vitb14, vitl14 or vitg14, optionally with _reg4; DINOv3: "
+                                      "dinov3_vits16, dinov3_vits16plus, dinov3_vitb16, dinov3_vitl16, dinov3_vith16plus")
+    p.add_argument("--weights", help="backbone weights: a path, a URL, or a DINOv2 name such as vitl14 (downloaded "
+                                     "once); default under the paper preset: the backbone's own official weights")
     p.add_argument("--no-weights", action="store_true", help="a random backbone")
     p.add_argument("--patch-size", type=int)
     p.add_argument("--crop-size", type=int)
@@ -91,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-points", type=int, help="points per mask in the loss")
     p.add_argument("--eval-every", type=int, help="validate every N iterations, and at the end")
     p.add_argument("--save-every", type=int, help="write last.pt every N iterations, and at the end")
-    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--log-every", type=int, default=20, help="log the losses every N iterations")
     p.add_argument("--window", type=int, help="validation sliding window")
     p.add_argument("--stride", type=int, help="validation sliding window stride")
     p.add_argument("--workers", type=int, help="data loading processes per GPU")
@@ -103,15 +122,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-ckpt", action="store_true", help="recompute the frozen blocks in backward: less memory")
     p.add_argument("--bench", type=int, metavar="N", help="time N training steps on random inputs, then exit")
     args = p.parse_args(argv)
-    preset = PRESETS[args.preset or ("demo" if args.data.startswith("synthetic") else "paper")]
-    for key, value in preset.items():
+    args.preset = args.preset or ("demo" if args.data.startswith("synthetic") else "paper")
+    for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.no_weights:
         args.weights = None
+    elif args.weights is None and args.preset == "paper":
+        args.weights = args.backbone  # a DINOv2 name downloads; a DINOv3 one says where to get the file
+    check_numbers(p, args)
     if args.out is None:
         args.out = Path("runs") / args.data.split("=")[0].replace(":", "_").replace("+", "_")
     return args
+
+
+def check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every numeric option in range, so that a mistake is named before anything is created."""
+    at_least = dict(iters=1, batch_size=1, crop_size=1, patch_size=1, num_queries=1, head_dim=8, head_layers=3,
+                    encoder_layers=0, num_points=1, eval_every=1, save_every=1, log_every=1, window=1, stride=1,
+                    workers=0, bench=1)
+    for key, low in at_least.items():
+        value = getattr(args, key)
+        if value is not None and value < low:
+            p.error(f"--{key.replace('_', '-')} must be at least {low}, got {value}")
+    if args.lr <= 0 or args.weight_decay < 0:
+        p.error(f"--lr must be positive and --weight-decay at least 0, got {args.lr} and {args.weight_decay}")
+    for key in ("crop_size", "window"):
+        if getattr(args, key) % args.patch_size:
+            p.error(f"--{key.replace('_', '-')} {getattr(args, key)} must be a multiple of the patch size "
+                    f"{args.patch_size}, e.g. {max(getattr(args, key) // args.patch_size, 1) * args.patch_size}")
+    if args.head_dim % 8:
+        p.error(f"--head-dim must be a multiple of 8 (8 attention heads), got {args.head_dim}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,16 +205,26 @@ def batches(loader, sampler: TrainSampler, *, epoch: int, position: int):
 
 
 def validation_sets(args: argparse.Namespace, rank: int) -> list:
-    """The --val datasets; without --val, those of the usual targets that exist under data/."""
-    source = data.first_source(args.data)
+    """The --val datasets. Without --val: the training source's own val split (from the same
+    folder; GTAV and Synthia have none), then the usual target domains found under data/."""
+    if args.val:
+        return [data.build_dataset(name, root, "val", train=False, **evaluation.dataset_kwargs(name, "val", vars(args)))
+                for name, root in data.parse_data(args.val)]
+    (name, root), source = data.parse_data(args.data)[0], data.first_source(args.data)
+    candidates = [] if "+" in name or source in ("gta", "synthia") else [(name, root)]
+    if source in DEFAULT_VAL:
+        candidates += [(target, None) for target, _ in data.parse_data(DEFAULT_VAL[source]) if target != name]
+    if source == "folder" and not (Path(root) / "images" / "val").is_dir():
+        candidates = []
+        if rank == 0:
+            print(f"validation: none, since {root} has no images/val split; training goes on without it "
+                  f"(give --val folder=PATH of your validation images to have one)")
     found = []
-    for name, root in data.parse_data(args.val or DEFAULT_VAL.get(source, source)):
+    for name, root in candidates:
         try:
             found.append(data.build_dataset(name, root, "val", train=False,
                                             **evaluation.dataset_kwargs(name, "val", vars(args))))
         except FileNotFoundError as e:
-            if args.val:
-                raise
             if rank == 0:
                 print(f"validation: skipping {name}: {e}")
     return found
@@ -185,7 +236,7 @@ def validation_sets(args: argparse.Namespace, rank: int) -> list:
 
 
 def build_optimizer(model: rein.Segmenter, args: argparse.Namespace, device: torch.device):
-    """AdamW over the trainable parameters (FACTS.md section 4) and the poly schedule, stepped per iteration."""
+    """AdamW over the trainable parameters (the official recipe) and the poly schedule, stepped per iteration."""
     optimizer = torch.optim.AdamW(model.param_groups(lr=args.lr, weight_decay=args.weight_decay),
                                   betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - it / args.iters) ** 0.9)
@@ -232,7 +283,8 @@ def save_atomically(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_resume(path: Path, model: rein.Segmenter) -> dict:
+def load_resume(path: Path, model: rein.Segmenter, plain_args: dict) -> dict:
+    """A train.py checkpoint to resume, refused if the run it records computed something else."""
     ckpt = vit.load_file(path, what="a train.py checkpoint to resume")
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
         raise ValueError(f"cannot resume from {path}: it is not a train.py checkpoint")
@@ -241,7 +293,17 @@ def load_resume(path: Path, model: rein.Segmenter) -> dict:
         changed = {k: (ckpt["config"].get(k), v) for k, v in model.config.items() if ckpt["config"].get(k) != v}
         raise ValueError(f"cannot resume from {path}: it was trained with other model arguments "
                          f"(checkpoint, now): {changed}; use the same arguments or another --out")
+    recorded = ckpt.get("args", {})
+    changed = [f"--{k.replace('_', '-')} {recorded.get(k)} (run) vs {v} (now)" for k, v in plain_args.items()
+               if k not in RESUMABLE_CHANGES and recorded.get(k) != v]
+    if changed:
+        raise ValueError(f"cannot resume from {path} with other options: {'; '.join(changed)}. Resume with the "
+                         f"run's own options (its args.json), or start a new run with another --out")
     return ckpt
+
+
+class Interrupted(Exception):
+    """SIGTERM or Ctrl-C stopped training after last.pt was written."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +315,7 @@ def validate(model, val_sets, args, device, iteration: int, rank: int) -> dict:
     """Every validation set, with 4 coloured predictions per set saved under OUT/val/ITERATION."""
     results = {}
     for ds in val_sets:
-        out_dir = args.out / "val" / f"iter_{iteration:06d}" / ds.name.replace(":", "_")
+        out_dir = args.out / "val" / f"iter_{iteration:06d}" / evaluation.folder_name(ds.name)
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
         results[ds.name] = evaluation.evaluate(model, ds, device=device, window=args.window, stride=args.stride,
@@ -310,34 +372,97 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def train(args: argparse.Namespace, device: torch.device, rank: int, world_size: int) -> dict:
+    """The whole run, top to bottom: set-up, resume, the loop with logging, checkpoints and validation."""
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} is the global batch and must divide among "
                          f"{world_size} processes")
-    per_rank = args.batch_size // world_size
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not args.fp32)
+    if args.bench:
+        model, ddp, optimizer, _ = build(args, device, world_size, num_classes=19)
+        benchmark(ddp, optimizer, args, device, autocast, args.batch_size // world_size)
+        return {}
 
-    # Everything that can fail on user input fails here, before the first step.
-    if not args.bench:
-        if rank == 0:
-            evaluation.check_writable(args.out, "--out")
-        sources = data.parse_data(args.data)
-        if len(sources) != 1:
-            raise ValueError(f"--data {args.data}: one training set, e.g. gta or gta+synthia (',' separates "
-                             f"--val datasets)")
-        name, root = sources[0]
-        train_set = data.build_dataset(name, root, "train", train=True, crop_size=args.crop_size,
-                                       **evaluation.dataset_kwargs(name, "train", vars(args)))
-        val_sets = validation_sets(args, rank)
-        if len(train_set) < args.batch_size:
-            raise ValueError(f"{args.data} has {len(train_set)} training images, fewer than --batch-size "
-                             f"{args.batch_size}")
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    train_set, val_sets = datasets(args, rank)  # everything that can fail on user input fails here
+    model, ddp, optimizer, schedule = build(args, device, world_size, num_classes=train_set.num_classes)
+    run = dict(args=json.loads(json.dumps(vars(args), default=str)), iteration=0, epoch=0, position=0)
+    if not resume(args, run, model, optimizer, schedule, rank, world_size):
+        return {}
+    sampler = TrainSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
+    # The loader gets its own generator, so that creating it draws nothing from the global
+    # random state (which the checkpoint restores).
+    loader = torch.utils.data.DataLoader(Augmented(train_set), batch_size=args.batch_size // world_size,
+                                         sampler=sampler, drop_last=True, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+                                         generator=torch.Generator(), worker_init_fn=evaluation.ignore_stop_signals)
+    stop = {"signal": 0}
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+
+    log = Log(args, run["iteration"], rank, world_size, device)
+    stream = batches(loader, sampler, epoch=run["epoch"], position=run["position"])
+    results = {}
+    model.train()
+    while run["iteration"] < args.iters:
+        run["epoch"], run["position"], (images, labels) = next(stream)
+        losses = train_step(ddp, optimizer, images.to(device, non_blocking=True),
+                            labels.to(device, non_blocking=True), autocast)
+        # One small all-reduce per step, so that every rank agrees on a NaN or a signal.
+        flags = torch.tensor([float(not torch.isfinite(losses["loss"])), float(stop["signal"])], device=device)
+        if world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0]:
+            raise FloatingPointError(f"the loss is {losses['loss'].item()} at iteration {run['iteration'] + 1}: "
+                                     f"training stopped before the update; {args.out / 'last.pt'} keeps the last "
+                                     f"good state")
+        optimizer.step()
+        schedule.step()
+        run["iteration"] += 1
+        log.step(run["iteration"], losses, schedule.get_last_lr()[0])
+        last = run["iteration"] == args.iters
+        if flags[1] or run["iteration"] % args.save_every == 0 or last:
+            save_checkpoint(args, run, model, optimizer, schedule, rank, world_size)
+        if flags[1]:
+            log.close()
+            raise Interrupted(f"stopped by signal {int(flags[1])} at iteration {run['iteration']}: "
+                              f"{args.out / 'last.pt'} written; the same command resumes")
+        if run["iteration"] % args.eval_every == 0 or last:
+            results = validate(model, val_sets, args, device, run["iteration"], rank)
+            log.validation(run["iteration"], results, train_set.classes)
+            model.train()
+    log.close()
+    return results
+
+
+def datasets(args: argparse.Namespace, rank: int) -> tuple:
+    """The training set and the validation sets, checked before anything is created."""
+    if rank == 0:
+        evaluation.check_writable(args.out, "--out")
+    sources = data.parse_data(args.data)
+    if len(sources) != 1:
+        raise ValueError(f"--data {args.data}: one training set, e.g. gta or gta+synthia (',' separates "
+                         f"--val datasets)")
+    name, root = sources[0]
+    train_set = data.build_dataset(name, root, "train", train=True, crop_size=args.crop_size,
+                                   **evaluation.dataset_kwargs(name, "train", vars(args)))
+    val_sets = validation_sets(args, rank)
+    if len(train_set) < args.batch_size:
+        raise ValueError(f"{args.data} has {len(train_set)} training images, fewer than --batch-size "
+                         f"{args.batch_size}")
+    if rank == 0:
+        print(f"{args.preset} preset: {args.method} on {args.backbone}, {args.iters:,} iterations of batch "
+              f"{args.batch_size} at {args.crop_size}x{args.crop_size}, {train_set.num_classes} classes")
+    return train_set, val_sets
+
+
+def build(args: argparse.Namespace, device: torch.device, world_size: int, *, num_classes: int) -> tuple:
+    """The model (the same initial weights on every rank), its DDP wrapper, AdamW and the schedule."""
+    torch.manual_seed(args.seed)
     model = rein.build_model(method=args.method, backbone=args.backbone, weights=args.weights,
-                             num_classes=19 if args.bench else train_set.num_classes, patch_size=args.patch_size,
-                             num_queries=args.num_queries, head_dim=args.head_dim, head_layers=args.head_layers,
+                             num_classes=num_classes, patch_size=args.patch_size, num_queries=args.num_queries,
+                             head_dim=args.head_dim, head_layers=args.head_layers,
                              encoder_layers=args.encoder_layers, num_points=args.num_points,
                              grad_ckpt=args.grad_ckpt).to(device)
     if args.compile:
@@ -346,114 +471,99 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
     # DDP sees only the trainable parameters: a frozen ViT never counts as unused.
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world_size > 1 else model
-    optimizer, schedule = build_optimizer(model, args, device)
-    if args.bench:
-        benchmark(ddp, optimizer, args, device, autocast, per_rank)
-        return {}
+    return model, ddp, *build_optimizer(model, args, device)
 
-    iteration, epoch, position = 0, 0, 0
-    resume = args.resume or (args.out / "last.pt" if (args.out / "last.pt").exists() else None)
-    if resume:
-        ckpt = load_resume(resume, model)
-        model.load_trainable_state_dict(ckpt["model"], origin=str(resume))
+
+def resume(args, run: dict, model, optimizer, schedule, rank: int, world_size: int) -> bool:
+    """Exact resume: weights, optimiser, schedule, position in the data and every random state.
+
+    Fills `run` (iteration, epoch, position) from OUT/last.pt or --resume if there is one;
+    a fresh run writes args.json, the record of what it does. False: the run is finished.
+    """
+    path = args.resume or (args.out / "last.pt" if (args.out / "last.pt").exists() else None)
+    if path:
+        ckpt = load_resume(path, model, run["args"])
+        if ckpt["iteration"] >= args.iters:
+            if rank == 0:
+                print(f"{path} is a finished run of {args.iters:,} iterations, nothing to do: its figures are in "
+                      f"{Path(path).parent / 'log.jsonl'}; evaluate it with eval.py --ckpt {path}")
+            return False
+        model.load_trainable_state_dict(ckpt["model"], origin=str(path))
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
-        iteration, epoch, position = ckpt["iteration"], ckpt["epoch"], ckpt["position"]
+        run |= {k: ckpt[k] for k in ("iteration", "epoch", "position")}
         if rank == 0:
-            print(f"resuming {resume} at iteration {iteration} of {args.iters}")
-    if resume and len(ckpt["rng"]) == world_size:
+            print(f"resuming {path} at iteration {run['iteration']} of {args.iters}")
+    if path and len(ckpt["rng"]) == world_size:
         set_rng_state(ckpt["rng"][rank])
     else:
         # Each rank draws its own random points in the loss.
         for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
             seed_fn(args.seed + rank)
-    plain_args = json.loads(json.dumps(vars(args), default=str))  # paths as strings
     if rank == 0:
-        (args.out / "args.json").write_text(json.dumps(plain_args, indent=2))
+        args.out.mkdir(parents=True, exist_ok=True)
+        if not path:
+            (args.out / "args.json").write_text(json.dumps(run["args"], indent=2))
+    return True
 
-    sampler = TrainSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
-    # The loader gets its own generator, so that creating it draws nothing from the global
-    # random state (which the checkpoint restores).
-    loader = torch.utils.data.DataLoader(Augmented(train_set), batch_size=per_rank, sampler=sampler, drop_last=True,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.workers > 0, generator=torch.Generator(),
-                                         worker_init_fn=evaluation.ignore_stop_signals)
 
-    def save_checkpoint() -> None:
-        states = [rng_state()]
-        if world_size > 1:
-            states = [None] * world_size
-            dist.all_gather_object(states, rng_state())
-        if rank == 0:
-            save_atomically(dict(config=model.config, model=model.trainable_state_dict(),
-                                 optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
-                                 iteration=iteration, epoch=epoch, position=position, rng=states,
-                                 args=plain_args), args.out / "last.pt")
+def save_checkpoint(args, run: dict, model, optimizer, schedule, rank: int, world_size: int) -> None:
+    """OUT/last.pt, written by rank 0 alone and atomically, with every rank's random state."""
+    states = [rng_state()]
+    if world_size > 1:
+        states = [None] * world_size
+        dist.all_gather_object(states, rng_state())
+    if rank == 0:
+        save_atomically(dict(config=model.config, model=model.trainable_state_dict(),
+                             optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), rng=states,
+                             **run), args.out / "last.pt")
 
-    stop = {"signal": 0}
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, lambda signum, frame: stop.update(signal=signum))
 
-    log = open(args.out / "log.jsonl", "a") if rank == 0 else None
-    bar = tqdm(total=args.iters, initial=iteration, disable=rank > 0, dynamic_ncols=True)
-    sums, count, t0 = 0.0, 0, time.perf_counter()
-    stream = batches(loader, sampler, epoch=epoch, position=position)
-    results = {}
-    model.train()
-    while iteration < args.iters:
-        epoch, position, (images, labels) = next(stream)
-        losses = train_step(ddp, optimizer, images.to(device, non_blocking=True),
-                            labels.to(device, non_blocking=True), autocast)
-        # One small all-reduce per step, so that every rank agrees on a NaN or a signal.
-        flags = torch.tensor([float(not torch.isfinite(losses["loss"])), float(stop["signal"])], device=device)
-        if world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[0]:
-            raise FloatingPointError(f"the loss is {losses['loss'].item()} at iteration {iteration + 1}: training "
-                                     f"stopped before the update; {args.out / 'last.pt'} keeps the last good state")
-        optimizer.step()
-        schedule.step()
-        iteration += 1
-        bar.update(1)
-        sums = sums + torch.stack([v.detach().float() for v in losses.values()])
-        count += 1
-        if iteration % args.log_every == 0 or iteration == args.iters:
-            mean = (sums / count).to(device)
-            if world_size > 1:
-                dist.all_reduce(mean)
-                mean /= world_size
-            record = dict(iter=iteration, lr=schedule.get_last_lr()[0],
-                          images_per_s=count * args.batch_size / (time.perf_counter() - t0))
-            record |= dict(zip(losses, mean.tolist()))
-            if rank == 0:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                img_s=f"{record['images_per_s']:.1f}")
-            sums, count, t0 = 0.0, 0, time.perf_counter()
-        if flags[1]:
-            save_checkpoint()
-            if rank == 0:
-                tqdm.write(f"stopped by signal {int(flags[1])} at iteration {iteration}: {args.out / 'last.pt'} "
-                           f"written; the same command resumes")
-            break
-        if iteration % args.save_every == 0 or iteration == args.iters:
-            save_checkpoint()
-        if iteration % args.eval_every == 0 or iteration == args.iters:
-            results = validate(model, val_sets, args, device, iteration, rank)
-            if rank == 0 and results:
-                tqdm.write(f"iteration {iteration}:\n" + evaluation.format_results(results, train_set.classes))
-                log.write(json.dumps(dict(iter=iteration, val=evaluation.to_json(results, train_set.classes))) + "\n")
-                log.flush()
-            model.train()
-    bar.close()
-    if log:
-        log.close()
-    return results
+class Log:
+    """The progress bar and OUT/log.jsonl: mean losses (over ranks and steps) every --log-every steps."""
+
+    def __init__(self, args, iteration: int, rank: int, world_size: int, device: torch.device):
+        self.args, self.rank, self.world_size, self.device = args, rank, world_size, device
+        self.file = open(args.out / "log.jsonl", "a") if rank == 0 else None
+        self.bar = tqdm(total=args.iters, initial=iteration, disable=rank > 0, dynamic_ncols=True)
+        self.sums, self.count, self.start = 0.0, 0, time.perf_counter()
+
+    def step(self, iteration: int, losses: dict[str, torch.Tensor], lr: float) -> None:
+        self.bar.update(1)
+        self.sums = self.sums + torch.stack([v.detach().float() for v in losses.values()])
+        self.count += 1
+        if iteration % self.args.log_every and iteration != self.args.iters:
+            return
+        mean = (self.sums / self.count).to(self.device)
+        if self.world_size > 1:
+            dist.all_reduce(mean)
+            mean /= self.world_size
+        record = dict(iter=iteration, lr=lr, images_per_s=self.count * self.args.batch_size /
+                      (time.perf_counter() - self.start)) | dict(zip(losses, mean.tolist()))
+        self.write(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
+        self.sums, self.count, self.start = 0.0, 0, time.perf_counter()
+
+    def validation(self, iteration: int, results: dict, classes: tuple[str, ...]) -> None:
+        if self.rank == 0 and results:
+            tqdm.write(f"iteration {iteration}:\n" + evaluation.format_results(results, classes))
+            self.write(dict(iter=iteration, val=evaluation.to_json(results, classes)))
+
+    def write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()
 
 
 if __name__ == "__main__":
     try:
         main(parse_args())
+    except Interrupted as e:
+        sys.exit(str(e))  # exit status 1: `train.py && eval.py` must not evaluate a half-trained model
     except (FileNotFoundError, ValueError, PermissionError, FloatingPointError) as e:
         sys.exit(f"error: {e}")

@@ -368,8 +368,9 @@ def load_file(path: str | os.PathLike, *, what: str, mmap: bool = False):
         raise FileNotFoundError(f"{path} not found: expected {what}")
     try:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} cannot be read as {what} (truncated, or not a PyTorch file): {e}") from e
+    except Exception as e:  # torch's own message suggests weights_only=False, which is not the fix here
+        raise ValueError(f"{path} cannot be read as {what}: it is not a PyTorch checkpoint file, or it is "
+                         f"truncated ({type(e).__name__})") from e
 
 
 def read_checkpoint(source: str | os.PathLike) -> dict[str, Tensor]:
@@ -464,7 +465,7 @@ def main() -> None:
         parser.error(f"unknown arch {args.arch!r}; expected one of {', '.join(ARCHS)} (DINOv2 ones optionally "
                      f"with _reg4)")
     family, dim, depth, heads, ffn = ARCHS[arch]
-    patch = args.patch_size or (14 if family == "dinov2" else 16)
+    patch = args.patch_size if args.patch_size is not None else 14 if family == "dinov2" else 16
     if patch < 1:
         parser.error(f"--patch-size must be a positive number of pixels, got {patch}")
     with torch.device("meta"):
