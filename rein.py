@@ -1,19 +1,21 @@
 """Rein: a frozen vision foundation model refined by a few million trainable parameters.
 
 "Stronger, Fewer, & Superior: Harnessing Vision Foundation Models for Domain Generalized
-Semantic Segmentation" (Wei et al., CVPR 2024). The file reads in three parts:
+Semantic Segmentation" (Wei et al., CVPR 2024). The file reads in four parts:
 
 1. `Rein`, the layer: learnable tokens per block that refine the block's patch features,
    and the link from those tokens to the segmentation head's object queries.
-2. `ReinViT`, a frozen DINOv2 whose blocks run one by one with Rein after each, giving
-   the four feature maps and the queries the head needs.
+2. `ReinViT`, a frozen DINOv2 or DINOv3 whose blocks run one by one with Rein after each,
+   giving the four feature maps and the queries the head needs.
 3. `Segmenter`, backbone + mask head + loss, for the three methods the paper compares
    (Table 2): `rein` (only Rein and the head train), `freeze` (only the head trains) and
    `full` (everything trains, the backbone at 0.1x the learning rate).
+4. `from_official`, which runs the official release checkpoints (mmseg files) here.
 
     model = build_model(method="rein", backbone="vitl14", weights="vitl14")
     losses = model.loss(images, labels)     # images (B, 3, H, W) normalised, labels (B, H, W)
     scores = model.predict(images)          # (B, num_classes, H, W)
+    model = from_official("iter_40000_published.pth", "vitl14")   # the paper's released GTAV model
 """
 
 import math

@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -38,6 +39,13 @@ from data import (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, MEAN, STD, SYNTHETIC_D
 from mask_head import (DecoderLayer, DeformableAttention, MaskHead, SetCriterion, attention_mask,
                        deformable_attention_per_level, linear_sum_assignment, linear_sum_assignment_batch,
                        mask_logits, sample_levels, semantic_inference, sine_position)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for a test's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -748,20 +756,32 @@ def test_loss_is_float32_under_bf16_autocast():
     assert losses["loss"].dtype == torch.float32 and torch.isfinite(losses["loss"])
 
 
-def test_distributed_mask_count_is_all_reduced(tmp_path):
-    """Under torch.distributed (one gloo rank) the loss is the same as without it."""
+def criterion_on_a_share(rank, world_size, port, out):
+    """One process of the normaliser test: the loss of its share of a fixed batch of 2 images."""
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.rand = fake_rand  # the same points for a mask on any rank
     torch.manual_seed(0)
-    predictions = tiny_head()(tiny_maps())
+    predictions, features = tiny_head()(tiny_maps())
     labels = synthetic_labels(3).repeat(2, 1, 1)
-    criterion = SetCriterion(num_classes=3, num_points=64)
-    torch.manual_seed(1)
-    expected = criterion(*predictions, labels)["loss"]
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        torch.manual_seed(1)
-        assert torch.allclose(criterion(*predictions, labels)["loss"], expected)
-    finally:
+    labels[1] = 2  # the images have different numbers of masks, so the normalisers differ per rank
+    share = slice(rank, rank + 1) if world_size > 1 else slice(0, 2)
+    predictions = [(c[share], e[share]) for c, e in predictions]
+    loss = SetCriterion(num_classes=3, num_points=64)(predictions, features[share], labels[share])["loss"]
+    torch.save(loss.detach(), f"{out}_{world_size}_{rank}.pt")
+    if world_size > 1:
         dist.destroy_process_group()
+
+
+def test_distributed_normalisers_are_all_reduced(tmp_path):
+    """2 gloo processes with 1 image each: the mean of their losses (what DDP's gradient averaging
+    optimises) equals the loss of both images on one process; per-rank normalisers would not."""
+    torch.multiprocessing.spawn(criterion_on_a_share, args=(2, free_port(), tmp_path / "loss"), nprocs=2)
+    torch.multiprocessing.spawn(criterion_on_a_share, args=(1, 0, tmp_path / "loss"), nprocs=1)
+    two = [torch.load(tmp_path / f"loss_2_{r}.pt") for r in range(2)]
+    one = torch.load(tmp_path / "loss_1_0.pt")
+    assert torch.allclose((two[0] + two[1]) / 2, one, rtol=1e-5)
+    assert not torch.allclose(two[0], two[1], rtol=1e-2)  # the shares really differ
 
 
 class LargestTensor(TorchFunctionMode):
@@ -967,16 +987,22 @@ def test_rein_gradients_reach_rein_and_never_the_frozen_vit():
 
 
 def test_rein_gradient_checkpointing_changes_nothing_but_memory():
-    """grad_ckpt gives the same loss and the same gradients."""
+    """grad_ckpt gives the same loss and the same gradients, and really recomputes every block in backward."""
     images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
-    grads = []
+    grads, calls = [], []
     for ckpt in (False, True):
         model = small_model()
         model.backbone.grad_ckpt = ckpt
+        count = [0]
+        for block in model.backbone.vit.blocks:
+            # A pre-hook: the recomputation stops early, once it has what backward needs.
+            block.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
         torch.manual_seed(1)  # the criterion samples points at random
         model.loss(images, labels)["loss"].backward()
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
+        calls.append(count[0])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+    assert calls[0] == 12 and calls[1] >= 23  # with checkpointing the blocks run again in the backward pass
 
 
 def test_rein_checkpoint_holds_only_what_trains(tmp_path):
@@ -1739,7 +1765,7 @@ def test_eval_distributed_counts_every_image_once(tmp_path):
     for procs in (1, 2):
         out = tmp_path / f"r{procs}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master-port",
-               str(29600 + procs), "eval.py", "--ckpt", str(tmp_path / "last.pt"), "--data", f"folder={root}",
+               str(free_port()), "eval.py", "--ckpt", str(tmp_path / "last.pt"), "--data", f"folder={root}",
                "--workers", "0", "--json", str(out)]
         subprocess.run(cmd, check=True, cwd=Path(__file__).parent, capture_output=True, timeout=120,
                        env=os.environ | {"OMP_NUM_THREADS": "1"})
@@ -1859,7 +1885,7 @@ def ddp_steps(rank, world_size, method, port, out):
 @pytest.mark.parametrize("method", rein.METHODS)
 def test_train_ddp_on_two_processes_equals_one_process(tmp_path, method):
     """2 gloo processes with 2 crops each: the same gradients and parameters as 1 process with 4; no DDP error."""
-    torch.multiprocessing.spawn(ddp_steps, args=(2, method, 29700 + rein.METHODS.index(method), tmp_path / "two"),
+    torch.multiprocessing.spawn(ddp_steps, args=(2, method, free_port(), tmp_path / "two"),
                                 nprocs=2)
     torch.multiprocessing.spawn(ddp_steps, args=(1, method, 0, tmp_path / "one"), nprocs=1)
     one, two, other_rank = (torch.load(tmp_path / f, weights_only=True) for f in ("one_0.pt", "two_0.pt", "two_1.pt"))
@@ -1918,7 +1944,7 @@ def test_train_bad_input_fails_before_training(tmp_path):
                                                 "--out", str(tmp_path / "r")]))
     assert not (tmp_path / "r" / "last.pt").exists()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
-                           "29710", "train.py", *TINY_RUN, "--batch-size", "3", "--out", str(tmp_path / "r")],
+                           str(free_port()), "train.py", *TINY_RUN, "--batch-size", "3", "--out", str(tmp_path / "r")],
                           cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--batch-size 3 is the global batch and must divide among 2" in proc.stderr
 

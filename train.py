@@ -2,13 +2,17 @@
 
 The built-in demo, on any machine and with no download: a small random ViT on synthetic
 street scenes, trained on the flat "game" domain and evaluated on all five domains
-(a few minutes on 2 CPU cores):
+(under 4 minutes on 2 CPU cores):
 
     python train.py
 
 The paper's run, GTAV -> Cityscapes, BDD100K, Mapillary, with DINOv2-L on one GPU:
 
     python train.py --data gta --val cityscapes,bdd,mapillary --backbone vitl14 --weights vitl14
+
+The same with DINOv3-L (its weights are given out on request; pass the downloaded file):
+
+    python train.py --data gta --backbone dinov3_vitl16 --weights dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth
 
 On 8 GPUs of one machine, and on 2 machines of 8 (the same command on each, with its rank):
 
@@ -24,7 +28,8 @@ number of GPUs. `--bench 20` times 20 training steps on random inputs instead.
 The run folder (`--out`, default runs/DATA) receives args.json, log.jsonl, last.pt and
 validation pictures. If it already holds last.pt, the run resumes from it exactly (model,
 optimiser, schedule, iteration, sampler position and every random state); so does
-`--resume PATH`. SIGTERM or Ctrl-C writes last.pt before exiting.
+`--resume PATH`; only options that do not change what the run computes (workers, logging,
+validation, compile) may differ. SIGTERM or Ctrl-C writes last.pt, then exits with status 1.
 """
 
 import argparse
