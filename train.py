@@ -506,7 +506,10 @@ def resume(args, run: dict, model, optimizer, schedule, rank: int, world_size: i
         for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
             seed_fn(args.seed + rank)
     if rank == 0:
-        args.out.mkdir(parents=True, exist_ok=True)
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PermissionError(f"--out {args.out} cannot be created: {e.strerror}") from e
         if not path:
             (args.out / "args.json").write_text(json.dumps(run["args"], indent=2))
     return True
