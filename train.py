@@ -381,9 +381,6 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} is the global batch and must divide among "
                          f"{world_size} processes")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not args.fp32)
     if args.bench:
         model, ddp, optimizer, _ = build(args, device, world_size, num_classes=19)
@@ -464,6 +461,9 @@ def datasets(args: argparse.Namespace, rank: int) -> tuple:
 
 def build(args: argparse.Namespace, device: torch.device, world_size: int, *, num_classes: int) -> tuple:
     """The model (the same initial weights on every rank), its DDP wrapper, AdamW and the schedule."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     model = rein.build_model(method=args.method, backbone=args.backbone, weights=args.weights,
                              num_classes=num_classes, patch_size=args.patch_size, num_queries=args.num_queries,
