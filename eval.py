@@ -21,6 +21,7 @@ import re
 import signal
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -152,10 +153,11 @@ def legend(picture: np.ndarray, shown: np.ndarray, classes: tuple[str, ...], pal
            title: str) -> np.ndarray:
     """A white strip under the picture: the title, then a colour swatch and the name of each class shown."""
     font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     width, line = picture.shape[1], 16
     entries, x, y = [], 4, line + 4
     for k in shown:
-        size = 14 + int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(classes[k], font=font)) + 12
+        size = 14 + int(measure.textlength(classes[k], font=font)) + 12
         if x + size > width and x > 4:
             x, y = 4, y + line
         entries.append((k, x, y))
@@ -350,12 +352,12 @@ def image_outputs(paths: list[str], save_dir: Path) -> list[tuple[Path, Path]]:
             pairs.append((p, Path(p.name)))
         else:
             raise FileNotFoundError(f"--image {p}: no such file or folder")
-    stems = [rel.with_suffix("") for _, rel in pairs]
-    outputs = [save_dir / (rel.with_suffix(".png") if stems.count(stem) == 1 else rel.parent / f"{rel.name}.png")
-               for (_, rel), stem in zip(pairs, stems)]
+    stems = Counter(rel.with_suffix("") for _, rel in pairs)
+    outputs = [save_dir / (rel.with_suffix(".png") if stems[rel.with_suffix("")] == 1
+                           else rel.parent / f"{rel.name}.png") for _, rel in pairs]
     inputs = {f.resolve() for f, _ in pairs}
     clash = [str(o) for o in outputs if o.resolve() in inputs] or \
-        [str(o) for i, o in enumerate(outputs) if o in outputs[:i]]
+        [str(o) for o, n in Counter(outputs).items() if n > 1]
     if clash:
         raise ValueError(f"--save-dir {save_dir} would overwrite {clash[:3]} (inputs, or two predictions of the "
                          f"same name); choose another --save-dir")
@@ -441,7 +443,8 @@ def main(args: argparse.Namespace) -> dict | None:
     results = None
     if args.image:
         K = model.config["num_classes"]
-        classes = data.CITYSCAPES_CLASSES if K == len(data.CITYSCAPES_CLASSES) else tuple(f"class_{k}" for k in range(K))
+        classes = data.CITYSCAPES_CLASSES if K == len(data.CITYSCAPES_CLASSES) else \
+            tuple(f"class_{k}" for k in range(K))
         # Pictures are seen at the test scale of the data the model learnt from (GTAV for the
         # official release files).
         source = data.first_source(trained.get("data", "gta"))
