@@ -1,41 +1,35 @@
 """Datasets for domain-generalised semantic segmentation, read in their distributed layouts.
 
 Every dataset yields an RGB image and a map of Cityscapes train ids (0..18, 255 = ignore),
-or 0..K-1 for a user's own `folder` of images. Raw label files are mapped through a
-256-entry look-up table while loading, so no conversion scripts are needed. The same
-module holds the paper's training augmentation and a procedural street-scene dataset
-with several visual domains that needs no download at all.
+or 0..K-1 for a user's own `folder` of images. Raw label files go through a 256-entry
+look-up table while loading, so no conversion scripts are needed. The module also holds
+the paper's training augmentation and a procedural street-scene dataset in five visual
+domains that needs no download.
 
-    from data import TEST_SIZES, build_dataset, to_test_tensor
-    train = build_dataset("gta", "data/gta", "train", train=True)            # random 512 crops
-    val = build_dataset("cityscapes", None, "val", train=False)              # default root data/cityscapes
+    train = build_dataset("gta", "data/gta", "train", train=True)   # random 512 crops
+    val = build_dataset("cityscapes", None, "val", train=False)     # default root data/cityscapes
     image, label = train[0]     # float32 (3, 512, 512) normalised, int64 (512, 512)
     sample = val[0]             # dict(image=(3, h, w) at test scale, label=(H, W) full size, name, index)
-    rgb, ids = val.read(0)      # raw uint8 (H, W, 3) and uint8 (H, W), no resizing
+    rgb, ids = val.read(0)      # raw uint8 (H, W, 3) and uint8 (H, W)
     image = to_test_tensor(my_rgb, TEST_SIZES["cityscapes"])  # any uint8 (H, W, 3) picture
 
 Names: gta, synthia, cityscapes, bdd, mapillary, acdc[:fog|night|rain|snow],
 synthetic[:game|photo|fog|night|rain] and folder (root required); `gta+synthia` joins
-sources into one training set. `parse_data("gta,cityscapes=/d/cs")` reads the
-command-line form. `python data.py` measures loading speed.
+sources. `parse_data("gta,cityscapes=/d/cs")` reads the command-line form.
 """
 
 import bisect
 import json
-import tempfile
-import time
 import warnings
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 # ----------------------------------------------------------------------------------------
-# Classes, colours and normalisation
+# Classes, colours and label ids
 # ----------------------------------------------------------------------------------------
 
 CITYSCAPES_CLASSES = (
@@ -50,7 +44,6 @@ CITYSCAPES_PALETTE = np.array([
     (0, 80, 100), (0, 0, 230), (119, 11, 32),
 ], dtype=np.uint8)
 IGNORE = 255
-
 # ImageNet statistics on 0-255 RGB pixels, as DINOv2 was trained with.
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
@@ -106,10 +99,6 @@ def colorize(label: np.ndarray | torch.Tensor, palette: np.ndarray = CITYSCAPES_
     return table[label.astype(np.uint8)]
 
 
-# ----------------------------------------------------------------------------------------
-# Label ids: raw values in the distributed files -> train ids
-# ----------------------------------------------------------------------------------------
-
 # Cityscapes label id -> train id; GTAV and ACDC label files use the same ids (0..33).
 CITYSCAPES_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
                           23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
@@ -133,10 +122,7 @@ def mapillary_train_id(readable: str) -> int:
     exact = {name.replace(" ", ""): i for i, name in enumerate(CITYSCAPES_CLASSES)}
     if key in exact:
         return exact[key]
-    for words, train_id in MAPILLARY_RULES:
-        if any(word in key for word in words):
-            return train_id
-    return IGNORE
+    return next((train_id for words, train_id in MAPILLARY_RULES if any(w in key for w in words)), IGNORE)
 
 
 def _mapillary_names(root: Path) -> list[str]:
@@ -156,49 +142,42 @@ def _mapillary_names(root: Path) -> list[str]:
     return names
 
 
-def _lookup(mapping: dict[int, int], known: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(256,) uint8 table raw value -> train id (255 unless mapped) and (256,) bool known raw values."""
-    lut = np.full(256, IGNORE, dtype=np.uint8)
+def _table(mapping: dict[int, int], known) -> tuple[np.ndarray, np.ndarray]:
+    """(256,) uint8 raw value -> train id (255 unless mapped), and (256,) bool: the values the dataset defines."""
+    lut, is_known = np.full(256, IGNORE, dtype=np.uint8), np.zeros(256, dtype=bool)
     lut[list(mapping)] = list(mapping.values())
-    is_known = np.zeros(256, dtype=bool)
     is_known[list(known)] = True
     return lut, is_known
 
 
-def _identity_table(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tables for labels that already hold train ids 0..K-1 with 255 as ignore."""
-    return _lookup({i: i for i in range(num_classes)}, [*range(num_classes), IGNORE])
-
-
-def _label_table(name: str, root: Path | None) -> tuple[np.ndarray, np.ndarray]:
-    """Look-up table and known raw values for the label files of dataset `name` (no subset).
-
-    `name` "trainids" stands for already converted `_labelTrainIds.png` files.
-    """
+def _label_table(name: str, root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`_table` of the label files of dataset `name`; "trainids" stands for files that already
+    hold train ids (the official tools' `_labelTrainIds.png`, BDD100K, synthetic)."""
     if name in ("cityscapes", "gta", "acdc"):
-        return _lookup(CITYSCAPES_ID_TO_TRAIN, range(34))
+        return _table(CITYSCAPES_ID_TO_TRAIN, range(34))
     if name == "synthia":
-        return _lookup(SYNTHIA_ID_TO_TRAIN, range(23))
+        return _table(SYNTHIA_ID_TO_TRAIN, range(23))
     if name == "mapillary":
         names = _mapillary_names(Path(root or DATA_ROOTS["mapillary"]))
         mapping = {i: mapillary_train_id(n) for i, n in enumerate(names)}
-        return _lookup({i: t for i, t in mapping.items() if t != IGNORE}, range(len(names)))
-    if name == "folder":
-        if root is None:
-            raise ValueError("the folder dataset needs a root: folder=PATH")
-        return _identity_table(len(_folder_classes(Path(root))))
-    return _identity_table(len(CITYSCAPES_CLASSES))  # bdd, synthetic, trainids
+        return _table({i: t for i, t in mapping.items() if t != IGNORE}, range(len(names)))
+    if name == "folder" and root is None:
+        raise ValueError("the folder dataset needs a root: folder=PATH")
+    return _identity(len(_folder_classes(Path(root))) if name == "folder" else len(CITYSCAPES_CLASSES))
+
+
+def _identity(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """`_table` of files that already hold the ids 0..K-1, and 255 for ignore."""
+    return _table({i: i for i in range(num_classes)}, [*range(num_classes), IGNORE])
 
 
 def label_lut(name: str, root: str | Path | None = None) -> np.ndarray:
     """(256,) uint8 table from the raw label values of dataset `name` to train ids (255 = ignore).
-
-    Mapillary reads its config from `root` (default data/mapillary); folder needs `root`.
-    """
+    Mapillary reads its config from `root` (default data/mapillary); folder needs `root`."""
     parts = _split_name(name)
     if len(parts) > 1:
         raise ValueError(f"label_lut takes one dataset, got {name!r}")
-    return _label_table(parts[0][0], None if root is None else Path(root))[0]
+    return _label_table(parts[0][0], root)[0]
 
 
 # ----------------------------------------------------------------------------------------
@@ -222,34 +201,19 @@ def _open(path: Path, *, low_byte: bool = False) -> Image.Image:
     return image
 
 
-def _read_rgb(path: Path) -> Image.Image:
-    """An image file as an RGB PIL image."""
-    image = _open(path)
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _png_bit_depth(path: Path) -> int:
-    """Bits per channel of a PNG file (byte 24, inside the IHDR chunk); 8 for other formats."""
-    with open(path, "rb") as file:
-        head = file.read(25)
-    return head[24] if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) == 25 else 8
-
-
 def _read_label(path: Path, *, first_channel: bool) -> np.ndarray:
-    """(H, W) raw label values, uint8 or wider for 16-bit files.
-
-    first_channel: take the first channel of a colour label file (Synthia's 16-bit PNGs
-    keep the class there); otherwise colour label files are an error.
-    """
+    """(H, W) raw label values, uint8 or wider for 16-bit files. first_channel: take the first
+    channel of a colour file (Synthia's 16-bit PNGs keep the class there); else colour is an error."""
     image = _open(path)
     if image.mode in ("L", "P", "1") or image.mode.startswith("I"):
-        values = np.asarray(image)
-        return values.astype(np.uint8) if image.mode == "1" else values
+        return np.asarray(image).astype(np.uint8) if image.mode == "1" else np.asarray(image)
     if not first_channel:
         raise ValueError(f"label file {path} has {image.mode} pixels; expected one channel of class "
                          "ids (an 8-bit grey or palette PNG)")
     high = np.asarray(image)[..., 0]
-    if _png_bit_depth(path) != 16:
+    with open(path, "rb") as file:
+        head = file.read(25)  # a PNG's bit depth is byte 24, inside its IHDR chunk
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or len(head) < 25 or head[24] != 16:
         return high
     low = np.asarray(_open(path, low_byte=True))[..., 0]
     return (high.astype(np.uint16) << 8) | low
@@ -260,12 +224,10 @@ def _read_label(path: Path, *, first_channel: bool) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 
 def choose_crop(label: np.ndarray, crop_size: int, rng: np.random.Generator) -> tuple[int, int]:
-    """Top-left corner (top, left) of a random crop of (H, W) `label`, mmseg's cat_max_ratio rule.
-
-    The window is crop_size square, or the whole side where the label is smaller. It is
-    re-drawn up to 10 times until at least two classes show and none covers 75% or more of
-    its labelled pixels; the last draw is kept if none qualifies.
-    """
+    """Top-left corner (top, left) of a random crop of (H, W) `label`, mmseg's cat_max_ratio rule:
+    the window (crop_size square, or the whole side where the label is smaller) is re-drawn up
+    to 10 times until at least two classes show and none covers 75% or more of its labelled
+    pixels; the last draw is kept if none qualifies."""
     height, width = label.shape
     crop_h, crop_w = min(crop_size, height), min(crop_size, width)
     for _ in range(11):
@@ -336,23 +298,16 @@ def normalize(image: np.ndarray) -> np.ndarray:
     return (image - np.float32(MEAN)[:, None, None]) / np.float32(STD)[:, None, None]
 
 
-def pad_to_square(image: np.ndarray, label: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad (3, h, w) and (h, w) at the bottom and right to (3, size, size) float32 and (size, size) int64.
-
-    The image is padded with 0 after normalisation (the mean colour), the label with 255.
-    """
-    height, width = label.shape
-    image = np.pad(image, ((0, 0), (0, size - height), (0, size - width)))
-    label = np.pad(label, ((0, size - height), (0, size - width)), constant_values=IGNORE)
-    return torch.from_numpy(image), torch.from_numpy(label.astype(np.int64))
-
-
 def train_transform(image: Image.Image, label: np.ndarray, rng: np.random.Generator,
                     crop_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full training augmentation: RGB image, (H, W) train ids -> (3, crop, crop) float32, (crop, crop) int64."""
+    """The whole training augmentation: RGB image, (H, W) train ids -> (3, crop, crop) float32 and
+    (crop, crop) int64, padded at the bottom and right with 0 (the mean colour) and 255 (ignore)."""
     rgb, label = random_resize_crop_flip(image, label, rng, crop_size)
     image = normalize(photometric_distortion(channels_first(rgb), rng))
-    return pad_to_square(image, label, crop_size)
+    pad_h, pad_w = crop_size - label.shape[0], crop_size - label.shape[1]
+    image = np.pad(image, ((0, 0), (0, pad_h), (0, pad_w)))
+    label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE)
+    return torch.from_numpy(image), torch.from_numpy(label.astype(np.int64))
 
 
 def to_test_tensor(image: Image.Image | np.ndarray, size: tuple[int, int] | None) -> torch.Tensor:
@@ -374,20 +329,13 @@ def to_test_tensor(image: Image.Image | np.ndarray, size: tuple[int, int] | None
 # ----------------------------------------------------------------------------------------
 
 class SegmentationDataset(Dataset):
-    """Shared behaviour: class names and colours, raw reads and the train / eval transforms.
-
-    Subclasses provide `__len__`, `stem(index)` and `_load(index) -> (RGB PIL image,
-    (H, W) uint8 train ids)`.
-    """
+    """Class names and colours, raw reads and the train / eval transforms. Subclasses provide
+    `__len__`, `stem(index)` and `_load(index) -> (RGB PIL image, (H, W) uint8 train ids)`."""
 
     def __init__(self, *, name: str, classes: tuple[str, ...], train: bool, crop_size: int,
                  test_size: tuple[int, int] | None) -> None:
-        self.name = name
-        self.classes = classes
-        self.palette = palette_for(len(classes))
-        self.train = train
-        self.crop_size = crop_size
-        self.test_size = test_size
+        self.name, self.classes, self.palette = name, classes, palette_for(len(classes))
+        self.train, self.crop_size, self.test_size = train, crop_size, test_size
         self.has_labels = True
 
     @property
@@ -401,8 +349,7 @@ class SegmentationDataset(Dataset):
 
     def augment(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Training sample `index` augmented with `rng`: (3, crop, crop) float32, (crop, crop) int64."""
-        image, label = self._load(index)
-        return train_transform(image, label, rng, self.crop_size)
+        return train_transform(*self._load(index), rng, self.crop_size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | dict:
         """train: ((3, crop, crop) float32, (crop, crop) int64); else dict(image=(3, h, w) at
@@ -417,21 +364,14 @@ class SegmentationDataset(Dataset):
 
 
 class FileDataset(SegmentationDataset):
-    """Image files paired with label files whose raw values map to train ids through a table.
+    """Image files paired with label files (None where the split publishes no labels) whose raw
+    values map to train ids through `table` = (lut, known) of `_table`. Values the dataset
+    does not define become 255, are counted in `unknown_pixels` and warned about once."""
 
-    pairs: (image path, label path or None where the split publishes no labels).
-    lut, known: (256,) raw value -> train id, and which raw values the dataset defines;
-    other values become 255, are counted in `unknown_pixels` and warned about once.
-    """
-
-    def __init__(self, *, name: str, pairs: list[tuple[Path, Path | None]], lut: np.ndarray,
-                 known: np.ndarray, classes: tuple[str, ...], train: bool, crop_size: int,
-                 test_size: tuple[int, int] | None, first_channel: bool = False) -> None:
-        super().__init__(name=name, classes=classes, train=train, crop_size=crop_size, test_size=test_size)
-        self.pairs = pairs
-        self.lut = lut
-        self.known = known
-        self.first_channel = first_channel
+    def __init__(self, *, pairs: list[tuple[Path, Path | None]], table: tuple[np.ndarray, np.ndarray],
+                 first_channel: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.pairs, (self.lut, self.known), self.first_channel = pairs, table, first_channel
         self.has_labels = all(label is not None for _, label in pairs)
         self.unknown_pixels = 0
 
@@ -443,7 +383,7 @@ class FileDataset(SegmentationDataset):
 
     def _load(self, index: int) -> tuple[Image.Image, np.ndarray]:
         image_path, label_path = self.pairs[index]
-        image = _read_rgb(image_path)
+        image = _open(image_path).convert("RGB")
         if label_path is None:
             return image, np.full(image.size[::-1], IGNORE, dtype=np.uint8)
         raw = _read_label(label_path, first_channel=self.first_channel)
@@ -464,34 +404,27 @@ class FileDataset(SegmentationDataset):
         counts[255] -= wide  # the stand-ins for values past the table are counted apart
         unknown = counts * ~self.known
         total = int(unknown.sum()) + wide
-        if total:
-            if not self.unknown_pixels:
-                shown = np.flatnonzero(unknown).tolist() + (["> 255"] if wide else [])
-                warnings.warn(f"{path}: {total} pixels hold label values {shown} that {self.name} does "
-                              "not define; they are ignored (255). Later ones are only counted in "
-                              "dataset.unknown_pixels.", stacklevel=2)
-            self.unknown_pixels += total
+        if total and not self.unknown_pixels:
+            shown = np.flatnonzero(unknown).tolist() + (["> 255"] if wide else [])
+            warnings.warn(f"{path}: {total} pixels hold label values {shown} that {self.name} does "
+                          "not define; they are ignored (255). Later ones are only counted in "
+                          "dataset.unknown_pixels.", stacklevel=2)
+        self.unknown_pixels += total
         return np.asarray(values.point(self.lut.tolist()))
 
 
 class CombinedDataset(ConcatDataset):
     """Several datasets with the same classes read as one, e.g. gta+synthia (Table 4)."""
 
-    def __init__(self, datasets: Sequence[SegmentationDataset], *, name: str) -> None:
+    def __init__(self, datasets: list[SegmentationDataset], *, name: str) -> None:
         first = datasets[0]
         for other in datasets[1:]:
             if other.classes != first.classes:
                 raise ValueError(f"cannot combine {first.name} ({first.num_classes} classes) with "
                                  f"{other.name} ({other.num_classes} classes): class lists differ")
         super().__init__(datasets)
-        self.name = name
-        self.classes = first.classes
-        self.palette = first.palette
+        self.name, self.classes, self.palette, self.num_classes = name, first.classes, first.palette, first.num_classes
         self.has_labels = all(d.has_labels for d in datasets)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     @property
     def unknown_pixels(self) -> int:
@@ -500,8 +433,7 @@ class CombinedDataset(ConcatDataset):
     def member(self, index: int) -> tuple[SegmentationDataset, int]:
         """The member dataset that holds `index`, and the index within it."""
         member = bisect.bisect_right(self.cumulative_sizes, index)
-        start = self.cumulative_sizes[member - 1] if member else 0
-        return self.datasets[member], index - start
+        return self.datasets[member], index - ([0] + self.cumulative_sizes)[member]
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         dataset, index = self.member(index)
@@ -538,15 +470,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 
 
-class _Files(NamedTuple):
-    """What a layout reader finds: the pairs and how to read their labels."""
-    pairs: list[tuple[Path, Path | None]]
-    label_table: tuple[np.ndarray, np.ndarray]
-    classes: tuple[str, ...] = CITYSCAPES_CLASSES
-    first_channel: bool = False
-
-
-def _expect(root: Path, name: str, folders: Sequence[str]) -> None:
+def _expect(root: Path, name: str, folders: list[str]) -> None:
     """Fail with the expected layout unless every folder exists under root."""
     expected = " and ".join(folders)
     if not root.is_dir():
@@ -559,16 +483,18 @@ def _expect(root: Path, name: str, folders: Sequence[str]) -> None:
                                 f"{', '.join(missing)} is missing (found: {found or 'nothing'})")
 
 
-def _match(images: list[Path], labels_for: Callable[[Path], tuple[Path, ...]],
-           where: str) -> tuple[list[tuple[Path, Path]], int]:
-    """Pair each image with its label file, by name.
+def _pairs(images: list[Path], labels_for, where: str, name: str, split: str = "train",
+           root: Path | None = None) -> dict:
+    """Each image with its label file, and the table to read the labels: FileDataset's arguments.
 
-    labels_for gives the candidate label paths of an image in order of preference (raw ids
-    first, then converted train ids); the first candidate that any image has is used for
-    all. Returns the pairs and the index of that candidate. `where` describes the search.
+    labels_for(image) gives the candidate label paths in order of preference (raw ids first,
+    then converted train ids); the first candidate that any image has is used for all. A
+    test split publishes no labels. `where` describes the search, for errors.
     """
     if not images:
         raise ValueError(f"no images found: {where}")
+    if split == "test":
+        return dict(pairs=[(image, None) for image in images], table=_label_table(name, root))
     for option in range(len(labels_for(images[0]))):
         labels = [labels_for(image)[option] for image in images]
         found = [label.is_file() for label in labels]
@@ -577,73 +503,55 @@ def _match(images: list[Path], labels_for: Callable[[Path], tuple[Path, ...]],
     missing = [image for image, ok in zip(images, found) if not ok]
     if missing:
         names = ", ".join(image.name for image in missing[:10]) + (" ..." if len(missing) > 10 else "")
-        example = labels[found.index(False)]
         raise FileNotFoundError(f"{len(missing)} of {len(images)} images have no label file "
-                                f"(expected e.g. {example}): {names}")
-    return list(zip(images, labels)), option
+                                f"(expected e.g. {labels[found.index(False)]}): {names}")
+    # Synthia's raw label files keep the class in the first channel of a 16-bit colour PNG.
+    return dict(pairs=list(zip(images, labels)), table=_label_table("trainids" if option else name, root),
+                first_channel=name == "synthia" and not option)
 
 
-def _pair_unless_test(images: list[Path], labels_for: Callable[[Path], tuple[Path, ...]], where: str,
-                 split: str, name: str) -> tuple[list[tuple[Path, Path | None]], tuple[np.ndarray, np.ndarray]]:
-    """_match for labelled splits; a test split publishes no labels. Returns pairs and label tables."""
-    if split == "test":
-        if not images:
-            raise ValueError(f"no images found: {where}")
-        return [(image, None) for image in images], _label_table(name, None)
-    pairs, option = _match(images, labels_for, where)
-    return pairs, _label_table("trainids" if option else name, None)
-
-
-def _gta_files(root: Path, split: str, subset: str | None) -> _Files:
+def _gta_files(root: Path, split: str, subset: str | None) -> dict:
     _expect(root, "gta", ["images", "labels"])
-    images = sorted((root / "images").glob("*.png"))
-    pairs, option = _match(images, lambda p: (root / "labels" / p.name,
-                                              root / "labels" / f"{p.stem}_labelTrainIds.png"),
-                           f"{root}/images/*.png")
-    return _Files(pairs, _label_table("trainids" if option else "gta", None))
+    return _pairs(sorted((root / "images").glob("*.png")), lambda p: (
+        root / "labels" / p.name, root / "labels" / f"{p.stem}_labelTrainIds.png"), f"{root}/images/*.png", "gta")
 
 
-def _synthia_files(root: Path, split: str, subset: str | None) -> _Files:
+def _synthia_files(root: Path, split: str, subset: str | None) -> dict:
     _expect(root, "synthia", ["RGB", "GT/LABELS"])
     labels = root / "GT" / "LABELS"
-    images = sorted((root / "RGB").glob("*.png"))
-    pairs, option = _match(images, lambda p: (labels / p.name, labels / f"{p.stem}_labelTrainIds.png"),
-                           f"{root}/RGB/*.png")
-    return _Files(pairs, _label_table("trainids" if option else "synthia", None), first_channel=not option)
+    return _pairs(sorted((root / "RGB").glob("*.png")), lambda p: (
+        labels / p.name, labels / f"{p.stem}_labelTrainIds.png"), f"{root}/RGB/*.png", "synthia")
 
 
-def _cityscapes_files(root: Path, split: str, subset: str | None) -> _Files:
+def _cityscapes_files(root: Path, split: str, subset: str | None) -> dict:
     _expect(root, "cityscapes", [f"leftImg8bit/{split}"] + ([] if split == "test" else [f"gtFine/{split}"]))
-    images = sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png"))
 
     def labels_for(image: Path) -> tuple[Path, ...]:
         base = root / "gtFine" / split / image.parent.name / image.name.removesuffix("_leftImg8bit.png")
         return Path(f"{base}_gtFine_labelIds.png"), Path(f"{base}_gtFine_labelTrainIds.png")
 
-    return _Files(*_pair_unless_test(images, labels_for, f"{root}/leftImg8bit/{split}/CITY/*_leftImg8bit.png",
-                                split, "cityscapes"))
+    return _pairs(sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")), labels_for,
+                  f"{root}/leftImg8bit/{split}/CITY/*_leftImg8bit.png", "cityscapes", split)
 
 
-def _bdd_files(root: Path, split: str, subset: str | None) -> _Files:
+def _bdd_files(root: Path, split: str, subset: str | None) -> dict:
     masks = root / "labels" / "sem_seg" / "masks" / split
     _expect(root, "bdd", [f"images/10k/{split}", f"labels/sem_seg/masks/{split}"])
-    images = sorted((root / "images" / "10k" / split).glob("*.jpg"))
-    pairs, _ = _match(images, lambda p: (masks / f"{p.stem}.png",), f"{root}/images/10k/{split}/*.jpg")
-    return _Files(pairs, _label_table("bdd", None))
+    return _pairs(sorted((root / "images" / "10k" / split).glob("*.jpg")), lambda p: (masks / f"{p.stem}.png",),
+                  f"{root}/images/10k/{split}/*.jpg", "bdd")
 
 
-def _mapillary_files(root: Path, split: str, subset: str | None) -> _Files:
+def _mapillary_files(root: Path, split: str, subset: str | None) -> dict:
     folder = {"train": "training", "val": "validation"}[split]
     labels = root / folder / "v1.2" / "labels"
     if not labels.is_dir() and (root / folder / "labels").is_dir():
         labels = root / folder / "labels"  # releases before v1.2
     _expect(root, "mapillary", [f"{folder}/images", str(labels.relative_to(root))])
-    images = sorted((root / folder / "images").glob("*.jpg"))
-    pairs, _ = _match(images, lambda p: (labels / f"{p.stem}.png",), f"{root}/{folder}/images/*.jpg")
-    return _Files(pairs, _label_table("mapillary", root))
+    return _pairs(sorted((root / folder / "images").glob("*.jpg")), lambda p: (labels / f"{p.stem}.png",),
+                  f"{root}/{folder}/images/*.jpg", "mapillary", root=root)
 
 
-def _acdc_files(root: Path, split: str, subset: str | None) -> _Files:
+def _acdc_files(root: Path, split: str, subset: str | None) -> dict:
     conditions = (subset,) if subset else ACDC_CONDITIONS
     folders = [f"rgb_anon/{c}/{split}" for c in conditions]
     _expect(root, "acdc", folders + ([] if split == "test" else [f"gt/{c}/{split}" for c in conditions]))
@@ -654,8 +562,7 @@ def _acdc_files(root: Path, split: str, subset: str | None) -> _Files:
         base = root / "gt" / condition / split / sequence / image.name.removesuffix("_rgb_anon.png")
         return Path(f"{base}_gt_labelIds.png"), Path(f"{base}_gt_labelTrainIds.png")
 
-    return _Files(*_pair_unless_test(images, labels_for, f"{root}/rgb_anon/COND/{split}/SEQ/*_rgb_anon.png",
-                                split, "acdc"))
+    return _pairs(images, labels_for, f"{root}/rgb_anon/COND/{split}/SEQ/*_rgb_anon.png", "acdc", split)
 
 
 def _folder_classes(root: Path) -> tuple[str, ...]:
@@ -700,7 +607,7 @@ def _folder_classes(root: Path) -> tuple[str, ...]:
     return tuple(f"class_{i}" for i in range(len(values)))
 
 
-def _folder_files(root: Path, split: str, subset: str | None) -> _Files:
+def _folder_files(root: Path, split: str, subset: str | None) -> dict:
     _expect(root, "folder", ["images", "labels"])
     image_dir, label_dir = root / "images" / split, root / "labels" / split
     if image_dir.is_dir():
@@ -718,9 +625,9 @@ def _folder_files(root: Path, split: str, subset: str | None) -> _Files:
         key = image.relative_to(image_dir).with_suffix("")
         return (labels.get(key, label_dir / key.with_suffix(".png")),)
 
-    pairs, _ = _match(images, labels_for, f"{image_dir} holds no {'/'.join(IMAGE_SUFFIXES)} files")
     classes = _folder_classes(root)
-    return _Files(pairs, _identity_table(len(classes)), classes)
+    return _pairs(images, labels_for, f"{image_dir} holds no {'/'.join(IMAGE_SUFFIXES)} files", "trainids") | \
+        dict(table=_identity(len(classes)), classes=classes)
 
 
 LAYOUTS = {
@@ -732,15 +639,14 @@ LAYOUTS = {
 # ----------------------------------------------------------------------------------------
 # The synthetic multi-domain dataset
 # ----------------------------------------------------------------------------------------
-# A scene is laid out in world units of the camera height (about 1.5 m): a straight street
-# seen from a car, with a vanishing point, road, sidewalks, optional grass verges, facades of
-# buildings, trees and walls, and objects painted far to near. The layout depends on
-# (seed, split, index) only; the domain decides colours, texture, fog, darkness and rain.
+# A straight street seen from a car, in world units of the camera height (about 1.5 m):
+# road, sidewalks, grass verges, facades of buildings, trees and walls, then objects painted
+# far to near. The layout depends on (seed, split, index) only; the domain decides colours,
+# texture, fog, darkness and rain.
 
 (ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY, PERSON,
  RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE) = range(19)
-# Materials beyond the 19 classes only change colour: the class of such a region is its owner's.
-MARKING, WINDOW, SKIN, LAMP = range(19, 23)
+MARKING, WINDOW, SKIN, LAMP = range(19, 23)  # materials that change the colour, not the class
 SKY_DEPTH = 1000.0
 
 _GAME_COLOURS = np.array([  # flat, saturated, "rendered by a game engine"
@@ -755,17 +661,35 @@ _PHOTO_COLOURS = np.array([  # muted, like a camera in daylight
     (72, 66, 80), (62, 60, 70), (105, 105, 112), (170, 170, 165), (180, 160, 70), (130, 50, 45),
     (52, 50, 56), (62, 60, 72), (215, 215, 205), (62, 76, 92), (200, 160, 136), (255, 240, 190),
 ], dtype=np.float32)
-# Per-material spread of instance colours (objects and facades differ a lot, road and sky
+# Per material: spread of instance colours (objects and facades differ a lot, road and sky
 # little) and strength of the texture outside the game domain.
 _JITTER = np.array([12, 14, 60, 40, 40, 12, 6, 45, 18, 18, 14, 80, 80, 90, 60, 60, 40, 60, 60,
                     6, 15, 25, 5], dtype=np.float32)
 _TEXTURE = np.array([14, 14, 9, 12, 10, 5, 3, 3, 32, 26, 8, 5, 5, 4, 5, 5, 5, 5, 5, 6, 6, 3, 2],
                     dtype=np.float32)
+# Objects: (class, width range, height range, parts), a range None for a width equal to the
+# height or a size of 1. A part is (material, x0, x1, h0, h1, power, hole): a superellipse in
+# the box [x0, x1] (lateral) x [h0, h1] (height) in units of the drawn width and height, of
+# the object's class; `material` None means the class's own colour.
+BODY = [(None, -.1, .1, 0, .5, 8, 0), (None, -.16, .16, .42, .86, 3, 0), (SKIN, -.07, .07, .84, 1, 2, 0)]
+OBJECTS = {
+    "car": (CAR, (1.1, 1.35), (0.85, 1.15), [(None, -.5, .5, 0, .6, 6, 0), (None, -.42, .42, .5, 1, 4, 0),
+                                              (WINDOW, -.34, .34, .62, .93, 6, 0)]),
+    "truck": (TRUCK, (1.55, 1.75), (1.9, 2.6), [(None, -.42, .42, 0, .3, 8, 0), (None, -.5, .5, .18, 1, 16, 0)]),
+    "bus": (BUS, (1.65, 1.8), (2.0, 2.3), [(None, -.5, .5, .05, 1, 10, 0), (WINDOW, -.45, .45, .5, .85, 10, 0)]),
+    "person": (PERSON, None, (1.0, 1.3), BODY),
+    "rider": (RIDER, None, (0.8, 1.04), BODY),
+    "bicycle": (BICYCLE, None, None, [(None, -.575, -.115, 0, .46, 2, .75), (None, .115, .575, 0, .46, 2, .75),
+                                      (None, -.345, .345, .391, .506, 12, 0)]),
+    "motorcycle": (MOTORCYCLE, None, None, [(None, -.725, -.125, 0, .6, 2, 0), (None, .125, .725, 0, .6, 2, 0),
+                                            (None, -.545, .545, .36, .96, 4, 0)]),
+}
+SADDLE = {"bicycle": 0.368, "motorcycle": 0.48}  # where a rider sits
 
 
 class _Canvas:
-    """Instance and depth maps being painted, the class and material of each instance, and
-    the camera (focal length and horizon in pixels, vanishing point column)."""
+    """Instance and depth maps being painted, each instance's class and material, and the
+    camera: focal length and horizon row in pixels, vanishing point column."""
 
     def __init__(self, *, width: int, height: int, focal: float, horizon: float, centre: float) -> None:
         self.instance = np.zeros((height, width), dtype=np.uint16)
@@ -775,26 +699,23 @@ class _Canvas:
         self.focal, self.horizon, self.centre = focal, horizon, centre
 
     def new(self, cls: int, material: int | None = None) -> int:
-        """A new instance of class `cls`, coloured as `material` (default: the class)."""
         self.classes.append(cls)
         self.materials.append(cls if material is None else material)
         return len(self.classes) - 1
 
     def paint(self, instance: int, x0: float, x1: float, h0: float, h1: float, z: float,
               power: float = 8.0, hole: float = 0.0) -> None:
-        """Fill the world box [x0, x1] (lateral) x [h0, h1] (height) at depth z with a superellipse
-        |u|^power + |v|^power <= 1 (2: ellipse, 1: diamond, large: rectangle), minus a hole of
-        relative size `hole` (rings)."""
+        """Fill the world box [x0, x1] x [h0, h1] at depth z with the superellipse
+        |u|^power + |v|^power <= 1 (2: ellipse, 1: diamond, large: rectangle), minus a
+        hole of relative size `hole` (wheels)."""
         left, right = self.centre + self.focal * x0 / z, self.centre + self.focal * x1 / z
         top, bottom = self.horizon + self.focal * (1 - h1) / z, self.horizon + self.focal * (1 - h0) / z
-        height, width = self.instance.shape
-        c0, c1 = max(round(left), 0), min(round(right), width)
-        r0, r1 = max(round(top), 0), min(round(bottom), height)
+        c0, c1 = max(round(left), 0), min(round(right), self.instance.shape[1])
+        r0, r1 = max(round(top), 0), min(round(bottom), self.instance.shape[0])
         if c0 >= c1 or r0 >= r1:
             return
         if power >= 16 and hole == 0:  # a rectangle, as far as pixels can tell
-            self.instance[r0:r1, c0:c1] = instance
-            self.depth[r0:r1, c0:c1] = z
+            self.instance[r0:r1, c0:c1], self.depth[r0:r1, c0:c1] = instance, z
             return
         u = np.abs((np.arange(c0, c1) + 0.5 - left) / (right - left) * 2 - 1) ** power  # (w,)
         v = np.abs((np.arange(r0, r1) + 0.5 - top) / (bottom - top) * 2 - 1) ** power  # (h,)
@@ -803,172 +724,141 @@ class _Canvas:
         self.instance[r0:r1, c0:c1][inside] = instance
         self.depth[r0:r1, c0:c1][inside] = z
 
+    def object(self, rng: np.random.Generator, kind: str, x: float, z: float, base: float = 0.0) -> None:
+        """One of OBJECTS at lateral position x and depth z, standing on height `base`."""
+        cls, width, height, parts = OBJECTS[kind]
+        w = rng.uniform(*width) if width else None
+        h = rng.uniform(*height) if height else 1.0
+        w, ids = h if w is None else w, {}
+        for material, x0, x1, h0, h1, power, hole in parts:
+            if material not in ids:
+                ids[material] = self.new(cls, material)
+            self.paint(ids[material], x + w * x0, x + w * x1, base + h * h0, base + h * h1, z, power, hole)
 
-def _person(canvas: _Canvas, rng: np.random.Generator, x: float, z: float,
-            cls: int = PERSON, base: float = 0.0) -> None:
-    """A standing person (or a rider, lifted to `base`): legs, torso and head."""
-    h = rng.uniform(1.0, 1.3) * (0.8 if cls == RIDER else 1.0)
-    clothes, skin = canvas.new(cls), canvas.new(cls, SKIN)
-    canvas.paint(clothes, x - 0.1 * h, x + 0.1 * h, base, base + 0.5 * h, z)
-    canvas.paint(clothes, x - 0.16 * h, x + 0.16 * h, base + 0.42 * h, base + 0.86 * h, z, power=3)
-    canvas.paint(skin, x - 0.07 * h, x + 0.07 * h, base + 0.84 * h, base + h, z, power=2)
-
-
-def _vehicle(canvas: _Canvas, rng: np.random.Generator, x: float, z: float, cls: int) -> None:
-    """A car, truck or bus seen from behind."""
-    body = canvas.new(cls)
-    if cls == CAR:
-        w, h = rng.uniform(1.1, 1.35), rng.uniform(0.85, 1.15)
-        canvas.paint(body, x - w / 2, x + w / 2, 0.0, 0.6 * h, z, power=6)
-        canvas.paint(body, x - 0.42 * w, x + 0.42 * w, 0.5 * h, h, z, power=4)
-        canvas.paint(canvas.new(cls, WINDOW), x - 0.34 * w, x + 0.34 * w, 0.62 * h, 0.93 * h, z, power=6)
-    elif cls == TRUCK:
-        w, h = rng.uniform(1.55, 1.75), rng.uniform(1.9, 2.6)
-        canvas.paint(body, x - 0.42 * w, x + 0.42 * w, 0.0, 0.3 * h, z)
-        canvas.paint(body, x - w / 2, x + w / 2, 0.18 * h, h, z, power=16)
-    else:
-        w, h = rng.uniform(1.65, 1.8), rng.uniform(2.0, 2.3)
-        canvas.paint(body, x - w / 2, x + w / 2, 0.05 * h, h, z, power=10)
-        canvas.paint(canvas.new(cls, WINDOW), x - 0.45 * w, x + 0.45 * w, 0.5 * h, 0.85 * h, z, power=10)
-
-
-def _two_wheeler(canvas: _Canvas, rng: np.random.Generator, x: float, z: float, cls: int, ridden: bool) -> None:
-    """A bicycle or motorcycle seen from the side, with or without its rider."""
-    motor = cls == MOTORCYCLE
-    r, length = (0.3, 1.45) if motor else (0.23, 1.15)
-    frame = canvas.new(cls)
-    for wheel in (x - length / 2 + r, x + length / 2 - r):
-        canvas.paint(frame, wheel - r, wheel + r, 0.0, 2 * r, z, power=2, hole=0.0 if motor else 0.75)
-    if motor:
-        canvas.paint(frame, x - length / 2 + 0.6 * r, x + length / 2 - 0.6 * r, 1.2 * r, 3.2 * r, z, power=4)
-    else:
-        canvas.paint(frame, x - length / 2 + r, x + length / 2 - r, 1.7 * r, 2.2 * r, z, power=12)
-    if ridden:
-        _person(canvas, rng, x, z, cls=RIDER, base=1.6 * r)
+    def pole(self, rng: np.random.Generator, x: float, z: float, toward_road: float) -> None:
+        """A pole, bare or carrying a traffic sign, a traffic light or a street lamp."""
+        pole, top, kind = self.new(POLE), rng.uniform(2.5, 4.5), rng.integers(4)
+        self.paint(pole, x - 0.045, x + 0.045, 0.0, top, z, power=20)
+        if kind == 1:  # a diamond, disc or plate
+            size, shape = rng.uniform(0.35, 0.6), float(rng.choice([1.0, 2.0, 16.0]))
+            self.paint(self.new(SIGN), x - size / 2, x + size / 2, top - size - 0.05, top - 0.05, z, shape)
+        elif kind == 2:
+            self.paint(self.new(LIGHT), x - 0.13, x + 0.13, top - 0.75, top, z, power=16)
+            slot = 0.24 * rng.integers(3)
+            self.paint(self.new(LIGHT, LAMP), x - 0.08, x + 0.08, top - 0.72 + slot, top - 0.56 + slot, z, 2)
+        elif kind == 3:
+            reach = x + toward_road * rng.uniform(0.6, 1.2)
+            self.paint(pole, min(x, reach), max(x, reach), top - 0.06, top + 0.02, z, power=20)
+            self.paint(self.new(POLE, LAMP), reach - 0.18, reach + 0.18, top - 0.14, top - 0.02, z, 3)
 
 
-def _pole(canvas: _Canvas, rng: np.random.Generator, x: float, z: float, toward_road: float) -> None:
-    """A pole, bare or carrying a traffic sign, a traffic light or a street lamp."""
-    pole, top = canvas.new(POLE), rng.uniform(2.5, 4.5)
-    canvas.paint(pole, x - 0.045, x + 0.045, 0.0, top, z, power=20)
-    kind = rng.integers(4)
-    if kind == 1:
-        size = rng.uniform(0.35, 0.6)
-        canvas.paint(canvas.new(SIGN), x - size / 2, x + size / 2, top - size - 0.05, top - 0.05, z,
-                     power=float(rng.choice([1.0, 2.0, 16.0])))  # diamond, disc or plate
-    elif kind == 2:
-        canvas.paint(canvas.new(LIGHT), x - 0.13, x + 0.13, top - 0.75, top, z, power=16)
-        slot = 0.24 * rng.integers(3)
-        canvas.paint(canvas.new(LIGHT, LAMP), x - 0.08, x + 0.08, top - 0.72 + slot, top - 0.56 + slot, z, power=2)
-    elif kind == 3:
-        reach = x + toward_road * rng.uniform(0.6, 1.2)
-        canvas.paint(pole, min(x, reach), max(x, reach), top - 0.06, top + 0.02, z, power=20)
-        canvas.paint(canvas.new(POLE, LAMP), reach - 0.18, reach + 0.18, top - 0.14, top - 0.02, z, power=3)
-
-
-def draw_scene(rng: np.random.Generator, width: int,
-               height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Lay out one street scene.
-
-    Returns instance (H, W) uint16, each instance's class (N,) and material (N,), and the
-    depth (H, W) float32 of every pixel in camera heights (sky: SKY_DEPTH).
-    """
-    f32, u16 = np.float32, np.uint16  # float64 and int64 maps would double the memory traffic
-    focal = f32(width * rng.uniform(0.5, 0.8))
-    canvas = _Canvas(width=width, height=height, focal=focal, horizon=height * rng.uniform(0.36, 0.5),
-                     centre=width * rng.uniform(0.35, 0.65))
-    road = rng.uniform(1.5, 3.5, 2).astype(f32)          # road edge, left and right of the camera
-    walk = road + rng.uniform(0.8, 2.2, 2).astype(f32)   # outer edge of each sidewalk
-    line = walk + np.where(rng.random(2) < 0.35, rng.uniform(0.5, 2.0, 2), 0).astype(f32)  # facades; grass between
-
-    rows = (np.arange(height, dtype=f32) + 0.5 - f32(canvas.horizon))[:, None]  # (H, 1) below the horizon
-    cols = np.arange(width, dtype=f32) + 0.5 - f32(canvas.centre)               # (W,) right of centre
-    side = (cols > 0).astype(np.intp)                                           # (W,) 0 left, 1 right
-    reach = np.abs(cols) / line[side]                                           # (W,) rows down to the facade's foot
-    facade_depth = focal / np.maximum(reach, f32(1e-3))                         # (W,)
-
-    # Facades: segments along the street of buildings (0), trees (1) or a wall or fence with
-    # trees behind (2); each column looks at the segment its facade depth falls in.
-    count = 16
+def _facades(canvas: _Canvas, rng: np.random.Generator, rows: np.ndarray, cols: np.ndarray,
+             line: np.ndarray) -> None:
+    """Sky, and facades standing on `line` (left, right): segments along the street of
+    buildings with windows (kind 0), trees (1), or a wall or fence with trees behind (2)."""
+    f32, count = np.float32, 16
+    side = (cols > 0).astype(np.intp)                            # (W,) 0 left, 1 right
+    reach = np.abs(cols) / line[side]                            # (W,) rows from the horizon to the facade's foot
+    depth = canvas.focal / np.maximum(reach, f32(1e-3))          # (W,) the facade's depth in each column
     ends = np.cumsum(rng.uniform(5, 25, (2, count)), axis=1) + rng.uniform(0, 4, (2, 1))
     kinds = rng.choice(3, (2, count), p=(0.6, 0.25, 0.15))
     tops = np.where(kinds == 0, rng.uniform(3, 14, (2, count)), rng.uniform(2.5, 5.5, (2, count))).astype(f32)
     walls = np.where(kinds == 2, rng.uniform(0.6, 1.2, (2, count)), tops).astype(f32)
-    lower, upper, windows = (np.zeros((2, count), dtype=u16) for _ in range(3))
-    for s in range(2):
-        for k in range(count):
-            if kinds[s, k] == 0:
-                lower[s, k] = upper[s, k] = canvas.new(BUILDING)
-                windows[s, k] = canvas.new(BUILDING, WINDOW)
-            elif kinds[s, k] == 1:
-                lower[s, k] = upper[s, k] = canvas.new(VEGETATION)
-            else:
-                lower[s, k], upper[s, k] = canvas.new(int(rng.choice([WALL, FENCE]))), canvas.new(VEGETATION)
-    segment = np.minimum(np.where(side, np.searchsorted(ends[1], facade_depth),
-                                  np.searchsorted(ends[0], facade_depth)), count - 1)  # (W,)
-    kind, height_top = kinds[side, segment], tops[side, segment]                    # (W,)
-    crown = np.where(kind > 0, 0.6 * np.abs(np.sin(facade_depth * f32(0.9) + f32(rng.uniform(0, 6)))), f32(0))
-    top = -(height_top - 1 + crown) * reach                                         # (W,) rows
+    # Instances per segment: lower and upper part (they differ for a wall with trees behind), windows.
+    lower, upper, windows = (np.zeros((2, count), dtype=np.uint16) for _ in range(3))
+    for s, k in np.ndindex(2, count):
+        if kinds[s, k] == 2:
+            lower[s, k], upper[s, k] = canvas.new(int(rng.choice([WALL, FENCE]))), canvas.new(VEGETATION)
+        else:
+            lower[s, k] = upper[s, k] = canvas.new(VEGETATION if kinds[s, k] else BUILDING)
+            windows[s, k] = 0 if kinds[s, k] else canvas.new(BUILDING, WINDOW)
+    segment = np.minimum(np.where(side, np.searchsorted(ends[1], depth), np.searchsorted(ends[0], depth)), count - 1)
+    kind, height = kinds[side, segment], tops[side, segment]    # (W,)
+    crown = np.where(kind > 0, 0.6 * np.abs(np.sin(depth * f32(0.9) + f32(rng.uniform(0, 6)))), f32(0))
+    facade = (rows >= -(height - 1 + crown) * reach) & (rows < reach)  # (H, W)
     middle = -(walls[side, segment] - 1) * reach
-    facade = (rows >= top) & (rows < reach)                                         # (H, W)
-    sky = u16(canvas.new(SKY))
-    canvas.instance[:] = np.where(facade, np.where(rows >= middle, lower[side, segment], upper[side, segment]), sky)
-    canvas.depth[:] = np.where(facade, facade_depth, f32(SKY_DEPTH))
-
-    # Windows: a grid in world units, floors up the facade and bays along the street, from
-    # above the ground floor to just under the roof of buildings.
+    canvas.instance[:] = np.where(facade, np.where(rows >= middle, lower[side, segment], upper[side, segment]),
+                                  canvas.new(SKY))
+    canvas.depth[:] = np.where(facade, depth, f32(SKY_DEPTH))
+    # Windows: floors up the facade and bays along the street, up to just under the roof.
     floor, bay = f32(rng.uniform(1.8, 2.4)), f32(rng.uniform(1.8, 3.0))
-    storeys = 1 / floor - rows * (facade_depth / (focal * floor))                  # (H, W) height in floors
-    bays = (kind == 0) & (_fraction(facade_depth / bay + f32(rng.uniform(0, 1))) < 0.55)  # (W,)
-    roof = np.where(bays, (height_top - 0.4) / floor, f32(-1))                     # (W,) -1: no windows
+    storeys = 1 / floor - rows * (depth / (canvas.focal * floor))  # (H, W) height in floors
+    bays = (kind == 0) & (_fraction(depth / bay + f32(rng.uniform(0, 1))) < 0.55)  # (W,)
     level = _fraction(storeys)
-    glass = (level > 0.35) & (level < 0.8) & (storeys > 1.4 / floor) & (storeys < roof)
+    glass = (level > 0.35) & (level < 0.8) & (storeys > 1.4 / floor) & (storeys < (height - 0.4) / floor) & bays
     canvas.instance[:] = np.where(glass, windows[side, segment], canvas.instance)
 
-    # Ground, below the horizon: bands of lateral distance from the camera (in camera
-    # heights), a dashed centre line on the road.
+
+def _ground(canvas: _Canvas, rng: np.random.Generator, rows: np.ndarray, cols: np.ndarray, road: np.ndarray,
+            walk: np.ndarray, line: np.ndarray) -> None:
+    """Below the horizon, bands of lateral distance (road, sidewalk, grass up to the facade
+    `line`), with a dashed centre line on the road most of the time."""
+    f32 = np.float32
     first = int(np.searchsorted(rows[:, 0], 0, side="right"))
-    below = rows[first:]                                                            # (Hg, 1) > 0
-    lateral = cols / below                                                          # (Hg, W) signed
-    distance = np.abs(lateral)
-    walks = np.array([canvas.new(SIDEWALK), canvas.new(SIDEWALK)], dtype=u16)
-    verges = np.array([canvas.new(TERRAIN), canvas.new(TERRAIN)], dtype=u16)
-    road_id, marking = u16(canvas.new(ROAD)), u16(canvas.new(ROAD, MARKING))
-    band = np.where(distance <= road[side], road_id, np.where(distance <= walk[side], walks[side], verges[side]))
+    below = rows[first:]                                          # (Hg, 1) rows under the horizon
+    lateral = cols / below                                        # (Hg, W) signed distance from the camera
+    side = (cols > 0).astype(np.intp)
+    walks = np.array([canvas.new(SIDEWALK), canvas.new(SIDEWALK)], dtype=np.uint16)[side]
+    verges = np.array([canvas.new(TERRAIN), canvas.new(TERRAIN)], dtype=np.uint16)[side]
+    road_id, marking = canvas.new(ROAD), canvas.new(ROAD, MARKING)
+    band = np.where(np.abs(lateral) <= road[side], road_id, np.where(np.abs(lateral) <= walk[side], walks, verges))
     if rng.random() < 0.8:
-        dash = _fraction(focal / below / f32(rng.uniform(3, 6)) + f32(rng.uniform(0, 1))) < 0.5  # (Hg, 1)
+        dash = _fraction(canvas.focal / below / f32(rng.uniform(3, 6)) + f32(rng.uniform(0, 1))) < 0.5  # (Hg, 1)
         band = np.where((np.abs(lateral - (road[1] - road[0]) / 2) < 0.06) & dash, marking, band)
-    ground = distance <= line[side]
+    ground = np.abs(lateral) <= line[side]
     canvas.instance[first:] = np.where(ground, band, canvas.instance[first:])
-    canvas.depth[first:] = np.where(ground, focal / below, canvas.depth[first:])
+    canvas.depth[first:] = np.where(ground, canvas.focal / below, canvas.depth[first:])
 
-    if rng.random() < 0.6:  # the street ends at a cross block
-        end, rise = rng.uniform(40, 150), rng.uniform(3, 10)
-        block = (canvas.depth > end) & (rows >= -(rise - 1) * focal / end) & (rows < focal / end)
-        canvas.instance[:] = np.where(block, u16(canvas.new(BUILDING)), canvas.instance)
-        canvas.depth[:] = np.where(block, f32(end), canvas.depth)
 
-    # Objects as (depth, lateral position, painter, its other arguments), painted far to near
-    # so that nearer ones cover farther ones.
-    objects = []
+def _objects(canvas: _Canvas, rng: np.random.Generator, road: np.ndarray, walk: np.ndarray) -> None:
+    """Vehicles on the road, people on the sidewalks, two-wheelers ridden or parked, poles
+    along both kerbs; painted far to near, so that nearer ones cover farther ones."""
+    objects = []  # (depth, lateral position, kind, whether ridden or which way the road is)
     for _ in range(rng.integers(1, 8)):
-        cls = int(rng.choice([CAR, TRUCK, BUS], p=(0.8, 0.12, 0.08)))
-        objects.append((rng.uniform(4, 70), rng.uniform(-road[0] + 0.7, road[1] - 0.7), _vehicle, (cls,)))
+        kind = str(rng.choice(["car", "truck", "bus"], p=(0.8, 0.12, 0.08)))
+        objects.append((rng.uniform(4, 70), rng.uniform(-road[0] + 0.7, road[1] - 0.7), kind, 0))
     for _ in range(rng.integers(0, 7)):
         s = rng.integers(2)
-        objects.append((rng.uniform(3, 50), (2 * s - 1) * rng.uniform(road[s] + 0.3, walk[s] - 0.2), _person, ()))
+        objects.append((rng.uniform(3, 50), (2 * s - 1) * rng.uniform(road[s] + 0.3, walk[s] - 0.2), "person", 0))
     for _ in range(rng.integers(0, 3)):
-        cls, ridden, s = int(rng.choice([BICYCLE, MOTORCYCLE])), rng.random() < 0.7, rng.integers(2)
+        kind, ridden, s = str(rng.choice(["bicycle", "motorcycle"])), rng.random() < 0.7, rng.integers(2)
         # ridden on the road, or parked mid-sidewalk
         x = rng.uniform(-road[0] + 0.8, road[1] - 0.8) if ridden else (2 * s - 1) * (road[s] + walk[s]) / 2
-        objects.append((rng.uniform(4, 40), x, _two_wheeler, (cls, ridden)))
+        objects.append((rng.uniform(4, 40), x, kind, ridden))
     for s in range(2):
         z = rng.uniform(4, 15)
         while z < 120:
-            objects.append((z, (2 * s - 1) * (road[s] + 0.25), _pole, (1 - 2 * s,)))
+            objects.append((z, (2 * s - 1) * (road[s] + 0.25), "pole", 1 - 2 * s))
             z += rng.uniform(10, 30)
-    for z, x, painter, extra in sorted(objects, key=lambda o: -o[0]):
-        painter(canvas, rng, x, z, *extra)
+    for z, x, kind, extra in sorted(objects, key=lambda o: -o[0]):
+        if kind == "pole":
+            canvas.pole(rng, x, z, extra)
+            continue
+        canvas.object(rng, kind, x, z)
+        if extra:
+            canvas.object(rng, "rider", x, z, base=SADDLE[kind])
+
+
+def draw_scene(rng: np.random.Generator, width: int,
+               height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Lay out one street scene: instance (H, W) uint16, each instance's class (N,) and
+    material (N,), and the depth (H, W) float32 of every pixel in camera heights."""
+    f32 = np.float32  # float64 maps would double the memory traffic
+    canvas = _Canvas(width=width, height=height, focal=f32(width * rng.uniform(0.5, 0.8)),
+                     horizon=height * rng.uniform(0.36, 0.5), centre=width * rng.uniform(0.35, 0.65))
+    road = rng.uniform(1.5, 3.5, 2).astype(f32)          # road edge, left and right of the camera
+    walk = road + rng.uniform(0.8, 2.2, 2).astype(f32)   # outer edge of each sidewalk
+    line = walk + np.where(rng.random(2) < 0.35, rng.uniform(0.5, 2.0, 2), 0).astype(f32)  # facades; grass between
+    rows = (np.arange(height, dtype=f32) + 0.5 - f32(canvas.horizon))[:, None]  # (H, 1) below the horizon
+    cols = np.arange(width, dtype=f32) + 0.5 - f32(canvas.centre)               # (W,) right of centre
+    _facades(canvas, rng, rows, cols, line)
+    _ground(canvas, rng, rows, cols, road, walk, line)
+    if rng.random() < 0.6:  # the street ends at a cross block
+        end, rise = rng.uniform(40, 150), rng.uniform(3, 10)
+        block = (canvas.depth > end) & (rows >= -(rise - 1) * canvas.focal / end) & (rows < canvas.focal / end)
+        canvas.instance[:] = np.where(block, np.uint16(canvas.new(BUILDING)), canvas.instance)
+        canvas.depth[:] = np.where(block, f32(end), canvas.depth)
+    _objects(canvas, rng, road, walk)
     return canvas.instance, np.array(canvas.classes), np.array(canvas.materials), canvas.depth
 
 
@@ -1134,69 +1024,8 @@ def build_dataset(name: str, root: str | Path | None, split: str, *, train: bool
     if root is None and base == "folder":
         raise ValueError("the folder dataset needs a root: folder=PATH")
     root = Path(root if root is not None else DATA_ROOTS[base]).expanduser()
-    files = LAYOUTS[base](root, split, subset)
-    if train and any(label is None for _, label in files.pairs):
+    found = LAYOUTS[base](root, split, subset)
+    if train and any(label is None for _, label in found["pairs"]):
         raise ValueError(f"{base} publishes no labels for its {split} split; it cannot be used for training")
-    return FileDataset(name=str(root) if base == "folder" else name, pairs=files.pairs,
-                       lut=files.label_table[0], known=files.label_table[1], classes=files.classes,
-                       train=train, crop_size=crop_size, test_size=TEST_SIZES.get(base),
-                       first_channel=files.first_channel)
-
-
-# ----------------------------------------------------------------------------------------
-# Benchmark: python data.py
-# ----------------------------------------------------------------------------------------
-
-def _rates(work: Callable[[int], object], count: int) -> str:
-    """Run work(0..count-1); images per second of wall-clock and of this process's CPU time
-    (the second is steadier on a shared machine)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    for i in range(count):
-        work(i)
-    return f"{count / (time.perf_counter() - wall):6.1f} images/s ({count / (time.process_time() - cpu):.1f} per CPU-s)"
-
-
-def _benchmark(count: int = 24, samples: int = 96) -> None:
-    """Training samples per second from GTAV-sized PNGs, and synthetic scenes per second."""
-    train_to_id = np.zeros(256, dtype=np.uint8)  # inverse table: write labels as GTAV's Cityscapes ids
-    train_to_id[list(CITYSCAPES_ID_TO_TRAIN.values())] = list(CITYSCAPES_ID_TO_TRAIN)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / "images").mkdir()
-        (root / "labels").mkdir()
-        scenes = build_dataset("synthetic:photo", None, "train", train=False, image_size=(1914, 1052), length=count)
-        for i in range(count):
-            rgb, label = scenes.read(i)
-            Image.fromarray(rgb).save(root / "images" / f"{i:05d}.png")
-            ids = Image.fromarray(train_to_id[label])
-            ids.putpalette(CITYSCAPES_PALETTE.tobytes())  # GTAV's labels are palette PNGs
-            ids.save(root / "labels" / f"{i:05d}.png")
-        print(f"GTAV-sized PNGs (1914x1052), {count} files:")
-
-        def decode_and_resize(i: int) -> None:
-            image = _read_rgb(root / "images" / f"{i % count:05d}.png")
-            label = Image.fromarray(_read_label(root / "labels" / f"{i % count:05d}.png", first_channel=False))
-            short = 512 * (5 + i % 16) // 10
-            size = (int(1914 * short / 1052 + 0.5), short)
-            image.resize(size, Image.BILINEAR), label.resize(size, Image.NEAREST)
-
-        print(f"  decode image + label, resize both (1 process): {_rates(decode_and_resize, samples)}")
-        dataset = build_dataset("gta", root, "train", train=True)
-        print(f"  training samples, 512 crops (1 process):       {_rates(lambda i: dataset[i % count], samples)}")
-        sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=samples + 8)
-        batches = iter(DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=2))
-        for _ in range(2):  # start the workers before timing
-            next(batches)
-        start = time.perf_counter()
-        rate = sum(len(images) for images, _ in batches) / (time.perf_counter() - start)
-        print(f"  DataLoader, 2 workers, batch 4:                {rate:6.1f} images/s")
-
-    print("synthetic scenes at 512x512, generation only (1 process):")
-    for domain in SYNTHETIC_DOMAINS:
-        scenes = build_dataset(f"synthetic:{domain}", None, "train", train=False, image_size=(512, 512), length=40)
-        print(f"  {domain:6s} {_rates(scenes.read, len(scenes))}")
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    _benchmark()
+    return FileDataset(**{"classes": CITYSCAPES_CLASSES} | found, name=str(root) if base == "folder" else name,
+                       train=train, crop_size=crop_size, test_size=TEST_SIZES.get(base))

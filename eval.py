@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import sys
 import warnings
 from collections import Counter
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 import data
 import rein
+import train
 import vit
 
 # ---------------------------------------------------------------------------------------------
@@ -190,19 +190,6 @@ def save_prediction(path: Path, pred: np.ndarray, fmt: str, *, rgb: np.ndarray, 
 # ---------------------------------------------------------------------------------------------
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM and Ctrl-C to the main process, which stops cleanly
-    (train.py saves a checkpoint first) and shuts them down; a worker that died first would
-    make the loader fail in the middle of a step."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size): (0, 1) outside torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def evaluate(model: rein.Segmenter, dataset, *, device: torch.device, slide: bool = True, window: int = 512,
              stride: int = 341, batch_size: int = 8, workers: int = 2, save_dir: Path | None = None,
              fmt: str = "color", save_limit: int | None = None, progress: bool = True) -> dict:
@@ -212,11 +199,11 @@ def evaluate(model: rein.Segmenter, dataset, *, device: torch.device, slide: boo
     whatever the dataset size. With `save_dir`, predictions are written as PNGs named
     after the image (the first `save_limit` of each process only, if given).
     """
-    rank, world_size = world()
+    rank, world_size = train.world()
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=workers,
-                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+                                         pin_memory=device.type == "cuda", worker_init_fn=train.ignore_stop_signals)
     K = dataset.num_classes
     conf = torch.zeros(K, K, dtype=torch.int64, device=device)
     to_raw = train_to_raw_ids(dataset.lut) if fmt == "labelids" else None
@@ -265,19 +252,8 @@ def to_json(results: dict[str, dict], classes: tuple[str, ...]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints, devices and the command line
+# Checkpoints and the command line
 # ---------------------------------------------------------------------------------------------
-
-
-SYNTHETIC_LENGTH = {"train": 1000, "val": 20, "test": 20}
-
-
-def dataset_kwargs(name: str, split: str, run_args: dict) -> dict:
-    """Synthetic scenes as a run drew them: twice as wide as its crop, from its seed."""
-    if name.startswith("synthetic"):
-        crop = run_args.get("crop_size", 512)
-        return dict(image_size=(2 * crop, crop), length=SYNTHETIC_LENGTH[split], seed=run_args.get("seed", 0))
-    return {}
 
 
 def folder_name(dataset: str) -> str:
@@ -323,20 +299,6 @@ def load_checkpoint(path: str | Path, weights: str | None = None) -> tuple[rein.
     return model, ckpt
 
 
-def setup_distributed() -> torch.device:
-    """Reads torchrun's environment; NCCL on CUDA, gloo on CPU. Returns this process's device."""
-    if "LOCAL_RANK" not in os.environ:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        # The device is chosen before the process group, so NCCL binds to the right GPU.
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-        return torch.device("cuda", local_rank)
-    dist.init_process_group("gloo")
-    return torch.device("cpu")
-
-
 def image_outputs(paths: list[str], save_dir: Path) -> list[tuple[Path, Path]]:
     """(input, output PNG) for the files named and the files inside the folders named.
 
@@ -370,7 +332,7 @@ def predict_images(model: rein.Segmenter, paths: list[str], save_dir: Path, *, d
                    classes: tuple[str, ...], palette: np.ndarray) -> int:
     """Coloured predictions for the user's own pictures, seen at `test_size` (long, short) or as
     they are (None); files that are not images are skipped with a warning."""
-    rank, world_size = world()
+    rank, world_size = train.world()
     written = 0
     for f, out in tqdm(image_outputs(paths, save_dir)[rank::world_size], desc="predict", disable=rank > 0):
         try:
@@ -384,15 +346,6 @@ def predict_images(model: rein.Segmenter, paths: list[str], save_dir: Path, *, d
         save_prediction(out, pred, "color", rgb=rgb, classes=classes, palette=palette, label=None, to_raw=None)
         written += 1
     return written
-
-
-def check_writable(folder: Path, flag: str) -> None:
-    """Fails before any work if `folder` (given as `flag`) could not be created or written to.
-    Creates nothing: a run that fails to start leaves no folder behind."""
-    existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"{flag} {folder} is not writable: {existing} is "
-                              f"{'not a folder' if not existing.is_dir() else 'read-only for this user'}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -431,10 +384,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict | None:
-    device = setup_distributed()
-    rank, _ = world()
+    device = train.setup_distributed()
+    rank, _ = train.world()
     if args.save_dir:
-        check_writable(args.save_dir, "--save-dir")
+        train.check_writable(args.save_dir, "--save-dir")
     model, ckpt = load_checkpoint(args.ckpt, args.weights)
     model.to(device)
     trained = ckpt.get("args", {})
@@ -454,7 +407,7 @@ def main(args: argparse.Namespace) -> dict | None:
         print(f"rank {rank}: wrote {n} predictions to {args.save_dir}")
     else:
         datasets = [data.build_dataset(name, root, args.split, train=False,
-                                       **dataset_kwargs(name, args.split, trained))
+                                       **train.dataset_kwargs(name, args.split, trained))
                     for name, root in data.parse_data(args.data)]
         for ds in datasets:
             if ds.num_classes != model.config["num_classes"]:

@@ -18,13 +18,11 @@ never build the full-resolution masks of all queries (Mask2Former builds 10 x 10
 per image), only the matched ones, with the same results.
 
 Reading order: positions, the pixel decoder, the transformer decoder, the head, Hungarian
-matching (`linear_sum_assignment`, written in numpy), the set loss, semantic inference.
-`python mask_head.py` times the deformable attention and the matching.
+matching (`linear_sum_assignment_batch`, written in numpy), the set loss, semantic inference.
 """
 
 import itertools
 import math
-import time
 
 import numpy as np
 import torch
@@ -416,26 +414,13 @@ class MaskHead(nn.Module):
 # ---------------------------------------------------------------- matching
 
 
-def linear_sum_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Minimum-cost assignment of a rectangular (R, C) matrix, like scipy's function.
-
-    Returns (rows, cols), int64 of length min(R, C), rows ascending, such that
-    cost[rows, cols].sum() is minimal over all assignments.
-    """
-    cost = np.asarray(cost, dtype=np.float64)
-    if cost.ndim != 2:
-        raise ValueError(f"linear_sum_assignment: cost must be a 2-D matrix; got shape {cost.shape}.")
-    rows, cols = linear_sum_assignment_batch(cost[None])  # (1, n) each
-    return rows[0], cols[0]
-
-
 def linear_sum_assignment_batch(costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`linear_sum_assignment` of N same-shaped matrices at once: (N, R, C) -> 2 x (N, min(R, C))."""
+    """Minimum-cost assignments of N rectangular (R, C) matrices at once, like scipy's
+    linear_sum_assignment on each: (N, R, C) -> rows, cols (N, min(R, C)), rows ascending,
+    such that costs[n, rows[n], cols[n]].sum() is minimal over all assignments."""
     costs = np.asarray(costs, dtype=np.float64)
-    if costs.ndim != 3:
-        raise ValueError(f"linear_sum_assignment_batch: costs must have shape (N, R, C); got {costs.shape}.")
-    if not np.isfinite(costs).all():
-        raise ValueError("linear_sum_assignment: the cost matrix has non-finite values (NaN or inf).")
+    if not np.isfinite(costs).all():  # a NaN would never be beaten, and the search would not end
+        raise ValueError("linear_sum_assignment_batch: the cost matrix has non-finite values (NaN or inf)")
     N, R, C = costs.shape
     if R == 0 or C == 0:  # e.g. an image with no labelled pixel
         return np.zeros((N, 0), np.int64), np.zeros((N, 0), np.int64)
@@ -662,75 +647,3 @@ def semantic_inference(class_logits: Tensor, mask_logits: Tensor) -> Tensor:
     class_logits (B, Q, K+1), mask_logits (B, Q, h, w) -> (B, K, h, w).
     """
     return torch.einsum("bqk,bqhw->bkhw", class_logits.softmax(-1)[..., :-1], mask_logits.sigmoid())
-
-
-# ---------------------------------------------------------------- benchmark
-
-
-def deformable_attention_per_level(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor,
-                                   weights: Tensor) -> Tensor:
-    """`sample_levels` the way mmcv's PyTorch path computes it: one grid_sample per level.
-
-    The reference for `python mask_head.py` and the tests; same arguments and result.
-    """
-    B, Lv, M, d = value.shape
-    _, Lq, _, L, P, _ = locations.shape
-    per_level = value.split([h * w for h, w in shapes], dim=1)
-    sampled = []
-    for level, (h, w) in enumerate(shapes):
-        maps = per_level[level].permute(0, 2, 3, 1).reshape(B * M, d, h, w)  # (B*M, d, h, w)
-        grid = locations[:, :, :, level].transpose(1, 2).flatten(0, 1) * 2 - 1  # (B*M, Lq, P, 2)
-        sampled.append(F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-    sampled = torch.stack(sampled, dim=-2).flatten(-2)  # (B*M, d, Lq, L*P)
-    attention = weights.transpose(1, 2).reshape(B * M, 1, Lq, L * P)
-    return (sampled * attention).sum(-1).view(B, M * d, Lq).transpose(1, 2)  # (B, Lq, M*d)
-
-
-def benchmark(repeats: int = 5) -> None:
-    """Deformable attention of the paper's pixel decoder (512 x 512 crops, batch 2), ours
-    against one grid_sample per level, forward and backward; then one training step's matching."""
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-
-    def best_ms(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return 1000 * min(times)
-
-    B, M, d, P, shapes = 2, 8, 32, 4, [(16, 16), (32, 32), (64, 64)]
-    Lq = sum(h * w for h, w in shapes)
-    value = torch.randn(B, Lq, M, d, device=device, requires_grad=True)
-    locations = torch.rand(B, Lq, M, len(shapes), P, 2, device=device, requires_grad=True)
-    weights = torch.rand(B, Lq, M, len(shapes), P, device=device, requires_grad=True)
-    print(f"deformable attention, {Lq} queries x {M} heads x {len(shapes)} levels x {P} points, batch {B}, "
-          f"{device}, {torch.get_num_threads()} threads, best of {repeats}:")
-    for name, fn in (("one grid_sample per level", deformable_attention_per_level), ("sample_levels", sample_levels)):
-        forward = best_ms(lambda: fn(value, shapes, locations, weights))
-        both = best_ms(lambda: fn(value, shapes, locations, weights).square().sum().backward())
-        print(f"  {name:26s} forward {forward:8.1f} ms, backward {both - forward:8.1f} ms")
-
-    B, L, Q, K = 4, 10, 100, 19
-    criterion = SetCriterion(num_classes=K).to(device)
-    predictions = [(torch.randn(B, Q, K + 1, device=device), torch.randn(B, Q, 256, device=device))
-                   for _ in range(L)]
-    features = torch.randn(B, 256, 128, 128, device=device)
-    blocks = torch.stack([torch.randperm(256).remainder(K).view(16, 16) for _ in range(B)])  # all K in each
-    labels = blocks.repeat_interleave(32, 1).repeat_interleave(32, 2).to(device)  # (B, 512, 512)
-    targets = criterion.targets(labels)
-    costs = [np.random.default_rng(b).random((L, Q, K)) for b in range(B)]
-    assign = best_ms(lambda: [linear_sum_assignment_batch(cost) for cost in costs])
-    match = best_ms(lambda: criterion.match(predictions, features, targets))
-    print(f"matching, {B} images x {L} predictions of {Q} queries x {K} targets, {criterion.num_points} points:")
-    print(f"  assignment only               {assign:8.2f} ms")
-    print(f"  whole matching (costs + LSA)  {match:8.2f} ms")
-
-
-if __name__ == "__main__":
-    benchmark()

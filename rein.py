@@ -241,17 +241,6 @@ def count_trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def parse_backbone(name: str) -> tuple[str, int]:
-    """'vitl14_reg4' -> ('vitl14', 4); 'vitl14' -> ('vitl14', 0); 'dinov3_vitl16' -> ('dinov3_vitl16', 0)."""
-    arch, _, reg = name.partition("_reg")
-    if arch not in vit.ARCHS or reg not in ("", "4") or (reg and vit.ARCHS[arch][0] != "dinov2"):
-        dinov2 = [a for a, spec in vit.ARCHS.items() if spec[0] == "dinov2"]
-        raise ValueError(f"unknown backbone {name!r}; expected one of "
-                         f"{', '.join(a + s for a in dinov2 for s in ('', '_reg4'))} (DINOv2) or "
-                         f"{', '.join(a for a in vit.ARCHS if a not in dinov2)} (DINOv3)")
-    return arch, int(reg or 0)
-
-
 def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str | dict | None = None,
                 num_classes: int = 19, patch_size: int = 16, num_queries: int = 100, head_dim: int = 256,
                 head_layers: int = 9, encoder_layers: int = 6, num_points: int = 12544,
@@ -266,7 +255,7 @@ def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str 
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    arch, registers = parse_backbone(backbone)
+    arch, registers = vit.parse_name(backbone)
     if weights is None:
         # A fixed random backbone: a checkpoint trained on it can be evaluated later.
         with torch.random.fork_rng(devices=[]):

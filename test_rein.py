@@ -1,7 +1,9 @@
 """Tests for the whole project. Run: python -m pytest -q test_rein.py
 
 Nothing here downloads: checkpoints, datasets and runs are created in pytest's tmp_path.
-Sections follow the files: vit.py, mask_head.py, rein.py, data.py, eval.py, train.py.
+Sections follow the files in the order README.md lists them: vit.py, rein.py, mask_head.py,
+data.py, eval.py, train.py. `python test_rein.py` runs the benchmark at the end instead: the
+deformable attention against mmcv's one-grid_sample-per-level path, and the matching.
 """
 
 import colorsys
@@ -34,10 +36,10 @@ import rein
 import train
 import vit
 from data import (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, MEAN, STD, SYNTHETIC_DOMAINS, build_dataset,
-                  choose_crop, palette_for, colorize, hsv_to_rgb, label_lut, parse_data,
+                  choose_crop, palette_for, colorize, hsv_to_rgb, label_lut, parse_data, photometric_distortion,
                   random_resize_crop_flip, rgb_to_hsv, to_test_tensor)
 from mask_head import (DecoderLayer, DeformableAttention, MaskHead, SetCriterion, attention_mask,
-                       deformable_attention_per_level, linear_sum_assignment, linear_sum_assignment_batch,
+                       linear_sum_assignment_batch,
                        mask_logits, sample_levels, semantic_inference, sine_position)
 
 
@@ -51,7 +53,6 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------------------------
 # vit.py
 # ---------------------------------------------------------------------------------------------
-
 
 def tiny_vit(num_registers=0, ffn="mlp", patch_size=4, image_size=32, family="dinov2"):
     """A 2-block ViT small enough for exact, fast reference computations."""
@@ -429,420 +430,18 @@ def test_vit_errors_are_clear(tmp_path):
         vit.build_vit("vith14")
 
 
-# ---------------------------------------------------------------------------------------------
-# mask_head.py
-# ---------------------------------------------------------------------------------------------
+def test_vit_command_line_takes_reg4_names_and_rejects_bad_patches(monkeypatch, capsys):
+    """python vit.py vitl14_reg4 works; --patch-size 0 is an error that names it."""
+    def run(*argv):
+        monkeypatch.setattr(sys, "argv", ["vit.py", *argv])
+        vit.main()
+        return capsys.readouterr().out
 
-
-def cost_matrices(rng: np.random.Generator, shape: tuple[int, int]) -> list[np.ndarray]:
-    """Random, tied (few distinct integers, or all equal) and badly scaled matrices."""
-    return [
-        rng.random(shape),
-        rng.integers(0, 3, shape).astype(float),
-        np.full(shape, 7.0),
-        10.0 ** rng.uniform(-9, 9, shape) * rng.choice([-1, 1], shape),
-    ]
-
-
-def check_assignment(cost: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> None:
-    """scipy's output format: int64, length min(R, C), rows ascending, no row or column twice."""
-    assert rows.dtype == cols.dtype == np.int64
-    assert len(rows) == len(cols) == min(cost.shape)
-    assert np.all(np.diff(rows) > 0) and len(set(cols.tolist())) == len(cols)
-
-
-def test_assignment_equals_brute_force_on_small_matrices():
-    """The total equals the best of all assignments, found by enumeration."""
-    rng = np.random.default_rng(0)
-    for shape in [(1, 1), (1, 6), (6, 1), (3, 3), (4, 6), (6, 4), (5, 5), (2, 7)]:
-        for cost in cost_matrices(rng, shape):
-            rows, cols = linear_sum_assignment(cost)
-            check_assignment(cost, rows, cols)
-            short = cost if shape[0] <= shape[1] else cost.T
-            best = min(
-                short[np.arange(short.shape[0]), list(p)].sum()
-                for p in itertools.permutations(range(short.shape[1]), short.shape[0])
-            )
-            assert np.isclose(cost[rows, cols].sum(), best, rtol=1e-12, atol=0), (shape, cost)
-
-
-def test_assignment_never_beaten_on_large_matrices():
-    """No one of 1,000 random assignments, and no swap of two rows' columns, does better."""
-    rng = np.random.default_rng(1)
-    for shape in [(100, 19), (19, 100), (1, 80), (80, 1), (50, 50)]:
-        for cost in cost_matrices(rng, shape):
-            rows, cols = linear_sum_assignment(cost)
-            check_assignment(cost, rows, cols)
-            total = cost[rows, cols].sum()
-            tol = 1e-9 * np.abs(cost).max() * min(shape)
-            short = cost if shape[0] <= shape[1] else cost.T
-            n, m = short.shape
-            random_totals = [short[np.arange(n), rng.permutation(m)[:n]].sum() for _ in range(1000)]
-            assert min(random_totals) >= total - tol, shape
-            r, c = (rows, cols) if shape[0] <= shape[1] else (cols[np.argsort(cols)], rows[np.argsort(cols)])
-            # swapped[i, j]: row i takes row j's column and row j takes row i's.
-            swapped = short[r[:, None], c[None, :]] + short[r[None, :], c[:, None]]
-            kept = short[r, c][:, None] + short[r, c][None, :]
-            assert np.all(swapped >= kept - tol), shape
-
-
-def test_assignment_of_empty_matrices_and_bad_input():
-    """An empty matrix (no labelled pixel) gives empty int64 arrays; NaN or 3-D input is refused."""
-    for shape in [(0, 0), (0, 5), (5, 0)]:
-        rows, cols = linear_sum_assignment(np.zeros(shape))
-        assert rows.shape == cols.shape == (0,) and rows.dtype == cols.dtype == np.int64
-    with pytest.raises(ValueError, match="2-D"):
-        linear_sum_assignment(np.zeros((2, 3, 4)))
-    with pytest.raises(ValueError, match="non-finite"):
-        linear_sum_assignment(np.array([[0.0, np.nan]]))
-
-
-def test_batched_assignment_matches_one_by_one():
-    """Solving problems together gives each its optimal total."""
-    rng = np.random.default_rng(2)
-    costs = rng.random((10, 100, 19))
-    rows, cols = linear_sum_assignment_batch(costs)
-    for cost, r, c in zip(costs, rows, cols):
-        single_rows, single_cols = linear_sum_assignment(cost)
-        assert np.isclose(cost[r, c].sum(), cost[single_rows, single_cols].sum(), rtol=1e-12)
-
-
-def tiny_head(num_classes: int = 3, **kwargs) -> MaskHead:
-    """A small head: width 16, 6 queries, 3 decoder layers, 1 deformable encoder layer."""
-    args = dict(in_dim=8, num_queries=6, dim=16, decoder_layers=3, encoder_layers=1, num_heads=2)
-    return MaskHead(num_classes=num_classes, **(args | kwargs))
-
-
-def tiny_maps(batch: int = 2, size: int = 64, in_dim: int = 8) -> list[torch.Tensor]:
-    """Four random ViT feature maps of a size x size image at patch 16."""
-    return [torch.randn(batch, in_dim, size // 16, size // 16) for _ in range(4)]
-
-
-@pytest.mark.parametrize("rein_queries", [False, True])
-@pytest.mark.parametrize("encoder_layers", [0, 2])
-def test_head_output_shapes(rein_queries, encoder_layers):
-    """decoder_layers + 1 predictions of class logits (B, Q, K+1) and mask embeddings; mask features at stride 4."""
-    torch.manual_seed(0)
-    head = tiny_head(rein_queries=rein_queries, encoder_layers=encoder_layers)
-    queries = torch.randn(6, 16) if rein_queries else None
-    predictions, features = head(tiny_maps(batch=2, size=64), queries)
-    assert len(predictions) == 4 and features.shape == (2, 16, 16, 16)
-    for class_logits, embedding in predictions:
-        assert class_logits.shape == (2, 6, 4) and embedding.shape == (2, 6, 16)
-    with pytest.raises(ValueError, match="decoder_layers must be >= 3.*got 2"):
-        tiny_head(decoder_layers=2)
-
-
-def test_sine_position_is_mmdets_formula():
-    """Channel 2k of the y half is sin((y + 1) / (h + 1e-6) * 2 pi / 10000^(2k / (dim/2))), 2k+1 its cos; x follows."""
-    h, w, dim = 3, 5, 8
-    pos = sine_position(h, w, dim, torch.device("cpu")).view(h, w, dim)
-    for y, x, k in itertools.product(range(h), range(w), range(dim // 4)):
-        period = 10000 ** (2 * k / (dim // 2))
-        ay, ax = (y + 1) / (h + 1e-6) * 2 * math.pi / period, (x + 1) / (w + 1e-6) * 2 * math.pi / period
-        expected = [math.sin(ay), math.cos(ay), math.sin(ax), math.cos(ax)]
-        got = [pos[y, x, 2 * k], pos[y, x, 2 * k + 1], pos[y, x, dim // 2 + 2 * k], pos[y, x, dim // 2 + 2 * k + 1]]
-        assert np.allclose(got, expected, atol=1e-5), (y, x, k)
-
-
-def bilinear_reference(value, h, w, x, y):
-    """grid_sample(align_corners=False, zeros) at one point, by hand: value (h*w, d), (x, y) in [0, 1]."""
-    px, py = x * w - 0.5, y * h - 0.5
-    x0, y0 = math.floor(px), math.floor(py)
-    out = torch.zeros(value.shape[1], dtype=torch.float64)
-    for cx, cy in itertools.product((x0, x0 + 1), (y0, y0 + 1)):
-        if 0 <= cx < w and 0 <= cy < h:
-            out += (1 - abs(px - cx)) * (1 - abs(py - cy)) * value[cy * w + cx].double()
-    return out
-
-
-def deformable_reference(value, shapes, locations, weights):
-    """sample_levels point by point: sum over levels and points of weight * bilinear sample."""
-    B, Lv, M, d = value.shape
-    _, Lq, _, L, P, _ = locations.shape
-    starts = [0, *itertools.accumulate(h * w for h, w in shapes)]
-    out = torch.zeros(B, Lq, M, d, dtype=torch.float64)
-    for b, q, m, level, p in itertools.product(range(B), range(Lq), range(M), range(L), range(P)):
-        h, w = shapes[level]
-        x, y = locations[b, q, m, level, p].tolist()
-        sampled = bilinear_reference(value[b, starts[level]:starts[level + 1], m], h, w, x, y)
-        out[b, q, m] += weights[b, q, m, level, p].item() * sampled
-    return out.view(B, Lq, M * d)
-
-
-def test_deformable_sampling_equals_a_per_point_reference_and_the_per_level_path():
-    """sample_levels equals a slow per-point reference and mmcv's one-grid_sample-per-level path,
-    values and gradients, with points inside, on the border and outside the maps."""
-    torch.manual_seed(0)
-    shapes = [(2, 3), (3, 5), (4, 2)]
-    B, M, d, P = 2, 2, 3, 2
-    Lv = sum(h * w for h, w in shapes)
-    value = torch.randn(B, Lv, M, d, requires_grad=True)
-    locations = (torch.rand(B, 4, M, 3, P, 2) * 1.6 - 0.3).requires_grad_()
-    weights = torch.rand(B, 4, M, 3, P, requires_grad=True)
-    ours = sample_levels(value, shapes, locations, weights)
-    assert torch.allclose(ours.double(), deformable_reference(value, shapes, locations, weights), atol=1e-5)
-    per_level = deformable_attention_per_level(value, shapes, locations, weights)
-    assert torch.allclose(ours, per_level, atol=1e-5)
-    grads = [torch.autograd.grad(out.square().sum(), (value, locations, weights)) for out in (ours, per_level)]
-    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads))
-
-
-def test_deformable_attention_layout_is_mmcvs():
-    """Offsets are (heads, levels, points, (x, y)) in pixels of each level, weights softmaxed over a
-    head's levels and points together, around the query's reference point on every level."""
-    torch.manual_seed(0)
-    attn = DeformableAttention(dim=8, num_heads=2, num_levels=2, num_points=3)
-    with torch.no_grad():
-        for p in attn.parameters():
-            p.normal_(0, 0.5)
-    shapes = [(3, 4), (5, 2)]
-    value = torch.randn(1, 22, 8)
-    query = torch.randn(1, 2, 8)
-    reference = torch.tensor([[0.3, 0.6], [0.9, 0.1]])
-    offsets = attn.sampling_offsets(query).view(1, 2, 2, 2, 3, 2)  # (B, Lq, heads, levels, points, xy)
-    weights = attn.attention_weights(query).view(1, 2, 2, 6).softmax(-1).view(1, 2, 2, 2, 3)
-    wh = torch.tensor([[4.0, 3.0], [2.0, 5.0]])  # (w, h) per level
-    locations = reference[None, :, None, None, None] + offsets / wh[:, None]
-    projected = attn.value_proj(value).view(1, 22, 2, 4)
-    expected = attn.output_proj(deformable_reference(projected, shapes, locations, weights).float())
-    assert torch.allclose(attn(query, value, reference, shapes), expected, atol=1e-5)
-    # y before x, or levels normalised by (h, w), would move the points: the test can tell.
-    swapped = reference[None, :, None, None, None] + offsets.flip(-1) / wh[:, None]
-    wrong = attn.output_proj(deformable_reference(projected, shapes, swapped, weights).float())
-    assert not torch.allclose(wrong, expected, atol=1e-3)
-
-
-def test_pixel_decoder_levels_are_deep_to_shallow():
-    """Without encoder layers, memory 0 (stride 32) comes from the deepest map alone, memory 2 (stride 8)
-    from the third; the mask features at stride 4 see the shallowest map."""
-    torch.manual_seed(0)
-    decoder = tiny_head(encoder_layers=0).pixel_decoder
-    maps = tiny_maps(batch=1, size=128)  # an 8 x 8 patch grid
-    memories, mask_features = decoder(maps)
-    assert [tuple(m.shape[-2:]) for m in memories] == [(4, 4), (8, 8), (16, 16)]
-    assert mask_features.shape[-2:] == (32, 32)
-    for changed in range(4):
-        other = [m.clone() for m in maps]
-        other[changed] += 1.0
-        new, new_features = decoder(other)
-        moved = [not torch.allclose(a, b) for a, b in zip(memories, new)]
-        assert moved == [changed == 3, changed == 2, changed == 1]
-        assert (not torch.allclose(mask_features, new_features)) == (changed in (0, 1))
-
-
-def test_projection_before_resizing_equals_resizing_before_projection():
-    """The memory saving is exact: conv1x1(resize(x)) == resize(conv1x1(x)) for the scales used."""
-    torch.manual_seed(0)
-    head = tiny_head()
-    x = torch.randn(2, 8, 6, 6)
-    for conv, scale in zip(head.pixel_decoder.input_convs, (0.5, 1, 2)):
-        resized_first = conv.gn(conv.conv(F.interpolate(x, scale_factor=scale, mode="bilinear"))) if scale != 1 \
-            else conv.gn(conv.conv(x))
-        assert torch.allclose(conv(x, scale), resized_first, atol=1e-5)
-    lateral = head.pixel_decoder.lateral_conv
-    assert torch.allclose(lateral(x, 4), lateral.gn(lateral.conv(F.interpolate(x, scale_factor=4, mode="bilinear"))),
-                          atol=1e-5)
-
-
-def test_masked_attention_ignores_features_outside_the_masks():
-    """Memory outside every query's mask cannot change the layer output, unless a mask is empty."""
-    torch.manual_seed(0)
-    layer = DecoderLayer(dim=16, num_heads=2, ffn_dim=32)
-    features = torch.eye(36).view(1, 36, 6, 6)  # one feature per pixel: a mask is its embedding
-    logits = torch.randn(1, 4, 6, 6)
-    logits[..., :3] = -5.0  # the left half is outside every mask...
-    logits[..., 0, 5] = 5.0  # ...and no mask is empty
-    attend = attention_mask(logits.flatten(2), features)
-    outside = ~attend[0].any(0)  # (36,)
-    assert outside.view(6, 6)[:, :3].all() and not outside.all()
-    query, query_pos = torch.randn(1, 4, 16), torch.randn(1, 4, 16)
-    memory, memory_pos = torch.randn(1, 36, 16), torch.randn(36, 16)
-    changed = memory.clone()
-    changed[:, outside] = torch.randn(1, int(outside.sum()), 16)
-    before = layer(query, query_pos, memory, memory_pos, attend)
-    assert torch.allclose(layer(query, query_pos, changed, memory_pos, attend), before, atol=1e-6)
-
-    logits[:, 0] = -5.0  # query 0's mask is now empty: it attends everywhere
-    attend = attention_mask(logits.flatten(2), features)
-    assert attend[0, 0].all() and not attend[0, 1].all()
-    before = layer(query, query_pos, memory, memory_pos, attend)
-    after = layer(query, query_pos, changed, memory_pos, attend)
-    assert not torch.allclose(after[:, 0], before[:, 0], atol=1e-3)
-
-
-def test_attention_masks_from_resized_features_equal_resized_masks():
-    """Mask2Former resizes each mask to the level and blocks where sigmoid < 0.5; resizing the features
-    instead gives the same logits, because a mask is linear in the features."""
-    torch.manual_seed(0)
-    embedding, features = torch.randn(2, 5, 8), torch.randn(2, 8, 32, 32)
-    for size in ((4, 4), (8, 8), (16, 16)):
-        masks = F.interpolate(mask_logits(embedding, features), size=size, mode="bilinear", align_corners=False)
-        small = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
-        assert torch.allclose(mask_logits(embedding, small), masks, atol=1e-5)
-        official = masks.flatten(2).sigmoid() >= 0.5
-        official |= ~official.any(-1, keepdim=True)
-        agree = attention_mask(embedding, small) == official
-        assert agree.float().mean() > 0.999
-
-
-def synthetic_labels(num_classes: int, size: int = 64) -> torch.Tensor:
-    """(1, size, size) labels: a background, a square and a bar, on a 4-pixel grid."""
-    label = torch.zeros(1, size, size, dtype=torch.int64)
-    label[:, 8:32, 8:40] = 1 % num_classes
-    label[:, 44:56, :] = 2 % num_classes
-    return label
-
-
-@pytest.mark.parametrize(
-    "num_classes, labels",
-    [
-        (19, torch.full((2, 64, 64), 4)),  # one class
-        (19, torch.full((2, 64, 64), 255)),  # no labelled pixel
-        (19, torch.arange(19).repeat_interleave(4).repeat(64, 1)[None, :, :64].repeat(2, 1, 1)),  # 19 classes
-        (1, synthetic_labels(2).repeat(2, 1, 1).masked_fill(synthetic_labels(2) == 1, 255)),  # binary
-    ],
-    ids=["one-class", "all-ignored", "all-19", "binary"],
-)
-def test_losses_are_finite(num_classes, labels):
-    """Every loss is a finite float32 scalar, also with 19 targets for 20 queries."""
-    torch.manual_seed(0)
-    head = tiny_head(num_classes=num_classes, num_queries=20)
-    losses = SetCriterion(num_classes=num_classes, num_points=256)(*head(tiny_maps(batch=2)), labels)
-    assert set(losses) == {"loss", "loss_ce", "loss_mask", "loss_dice"}
-    for value in losses.values():
-        assert value.dtype == torch.float32 and value.ndim == 0 and torch.isfinite(value)
-    assert (losses["loss_mask"] == 0) == (labels == 255).all()
-
-
-def test_more_targets_than_queries():
-    """With 19 classes and 6 queries only 6 targets are matched; the loss stays finite."""
-    torch.manual_seed(0)
-    labels = torch.arange(19).repeat_interleave(4).repeat(64, 1)[None, :, :64]
-    predictions = tiny_head(num_classes=19)(tiny_maps(batch=1))
-    losses = SetCriterion(num_classes=19, num_points=64)(*predictions, labels)
-    assert torch.isfinite(losses["loss"])
-
-
-@pytest.mark.parametrize("rein_queries", [False, True])
-def test_every_parameter_gets_a_gradient_without_labelled_pixels(rein_queries):
-    """DDP needs every parameter in the graph: all get finite gradients from an all-255 label."""
-    torch.manual_seed(0)
-    head = tiny_head(rein_queries=rein_queries)
-    queries = torch.randn(6, 16, requires_grad=True) if rein_queries else None
-    labels = torch.full((2, 64, 64), 255)
-    SetCriterion(num_classes=3, num_points=64)(*head(tiny_maps(), queries), labels)["loss"].backward()
-    for name, p in head.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    assert queries is None or queries.grad is not None
-
-
-def test_bad_labels_name_the_bad_values():
-    """Label values other than 0..K-1 and 255 are refused with the values in the message."""
-    labels = torch.zeros(1, 64, 64, dtype=torch.int64)
-    labels[0, 0, :3] = torch.tensor([19, 42, -1])
-    predictions = tiny_head(num_classes=19)(tiny_maps(batch=1))
-    with pytest.raises(ValueError, match=r"0\.\.18 or 255.*found \[-1, 19, 42\]"):
-        SetCriterion(num_classes=19)(*predictions, labels)
-
-
-def test_loss_is_float32_under_bf16_autocast():
-    """The criterion computes in float32 whatever precision the head ran in."""
-    torch.manual_seed(0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        predictions, features = tiny_head()(tiny_maps())
-        losses = SetCriterion(num_classes=3, num_points=64)(predictions, features, synthetic_labels(3).repeat(2, 1, 1))
-    assert predictions[-1][1].dtype == torch.bfloat16 and features.dtype == torch.bfloat16
-    assert losses["loss"].dtype == torch.float32 and torch.isfinite(losses["loss"])
-
-
-def criterion_on_a_share(rank, world_size, port, out):
-    """One process of the normaliser test: the loss of its share of a fixed batch of 2 images."""
-    if world_size > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    torch.rand = fake_rand  # the same points for a mask on any rank
-    torch.manual_seed(0)
-    predictions, features = tiny_head()(tiny_maps())
-    labels = synthetic_labels(3).repeat(2, 1, 1)
-    labels[1] = 2  # the images have different numbers of masks, so the normalisers differ per rank
-    share = slice(rank, rank + 1) if world_size > 1 else slice(0, 2)
-    predictions = [(c[share], e[share]) for c, e in predictions]
-    loss = SetCriterion(num_classes=3, num_points=64)(predictions, features[share], labels[share])["loss"]
-    torch.save(loss.detach(), f"{out}_{world_size}_{rank}.pt")
-    if world_size > 1:
-        dist.destroy_process_group()
-
-
-def test_distributed_normalisers_are_all_reduced(tmp_path):
-    """2 gloo processes with 1 image each: the mean of their losses (what DDP's gradient averaging
-    optimises) equals the loss of both images on one process; per-rank normalisers would not."""
-    torch.multiprocessing.spawn(criterion_on_a_share, args=(2, free_port(), tmp_path / "loss"), nprocs=2)
-    torch.multiprocessing.spawn(criterion_on_a_share, args=(1, 0, tmp_path / "loss"), nprocs=1)
-    two = [torch.load(tmp_path / f"loss_2_{r}.pt") for r in range(2)]
-    one = torch.load(tmp_path / "loss_1_0.pt")
-    assert torch.allclose((two[0] + two[1]) / 2, one, rtol=1e-5)
-    assert not torch.allclose(two[0], two[1], rtol=1e-2)  # the shares really differ
-
-
-class LargestTensor(TorchFunctionMode):
-    """Records the largest tensor any torch function returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.numel = max(self.numel, t.numel())
-        return out
-
-
-def test_loss_never_builds_full_resolution_masks_for_all_queries():
-    """Point sampling: no tensor in the criterion is as large as Q masks at label resolution."""
-    torch.manual_seed(0)
-    Q, size = 50, 128
-    predictions = tiny_head(num_queries=Q)(tiny_maps(batch=1, size=size))
-    labels = synthetic_labels(3, size)
-    with LargestTensor() as mode:
-        SetCriterion(num_classes=3, num_points=256)(*predictions, labels)
-    # The 4 predictions' stride-4 masks, computed without gradients for the matching, are the
-    # largest: 1/4 of it.
-    assert mode.numel <= Q * size * size / 4
-
-
-def test_semantic_inference_combines_class_and_mask():
-    """A confident query's class wins where its mask is on."""
-    class_logits = torch.full((1, 2, 4), -10.0)
-    class_logits[0, 0, 1] = class_logits[0, 1, 2] = 10.0  # query 0 says class 1, query 1 class 2
-    mask_logits = torch.full((1, 2, 4, 6), -10.0)
-    mask_logits[0, 0, :, :3] = mask_logits[0, 1, :, 3:] = 10.0  # left half, right half
-    scores = semantic_inference(class_logits, mask_logits)
-    assert scores.shape == (1, 3, 4, 6)
-    expected = torch.tensor([1, 1, 1, 2, 2, 2]).expand(4, 6)
-    assert torch.equal(scores[0].argmax(0), expected)
-
-
-def test_head_overfits_one_image():
-    """Head and loss learn one synthetic image to near-perfect mIoU from fixed random features."""
-    torch.manual_seed(0)
-    head = tiny_head(num_classes=3, dim=32, num_queries=8)
-    maps = tiny_maps(batch=1, size=64)
-    labels = synthetic_labels(3)
-    criterion = SetCriterion(num_classes=3, num_points=256)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    for _ in range(75):
-        loss = criterion(*head(maps), labels)["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        predictions, features = head(maps)
-        scores = semantic_inference(predictions[-1][0], mask_logits(predictions[-1][1], features))  # (1, 3, 16, 16)
-    pred = torch.nn.functional.interpolate(scores, size=(64, 64), mode="bilinear").argmax(1)
-    ious = [((pred == k) & (labels == k)).sum() / ((pred == k) | (labels == k)).sum() for k in range(3)]
-    assert torch.stack(ious).mean() > 0.95, ious
+    assert "4 registers, 304,372,736 parameters" in run("vitl14_reg4")
+    assert "dinov3, width 1024" in run("dinov3_vitl16")
+    with pytest.raises(SystemExit) as stop:
+        run("vitl14", "--patch-size", "0")
+    assert stop.value.code == 2 and "--patch-size must be a positive number of pixels, got 0" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1126,13 +725,11 @@ def test_from_official_on_a_dinov2_l_release_and_through_eval(tmp_path):
     with torch.device("meta"):
         backbone = vit.build_vit("vitl14", 16)
     torch.save({k: torch.zeros(v.shape) for k, v in backbone.state_dict().items()}, tmp_path / "dinov2.pth")
-    model = rein.from_official(tmp_path / "release.pth", tmp_path / "dinov2.pth")
-    for key, value in state.items():
-        ours = {rein.official_name(k): v for k, v in model.trainable_state_dict().items()}[key]
-        assert torch.equal(ours, value), key
-    # eval.py --ckpt reads the file through load_checkpoint (a whole picture would take ViT-L tens of seconds).
+    # eval.py --ckpt reads the file through load_checkpoint, which calls from_official.
     loaded, _ = evaluation.load_checkpoint(tmp_path / "release.pth", str(tmp_path / "dinov2.pth"))
-    scores = evaluation.whole_inference(loaded, torch.randn(3, 40, 56))
+    ours = {rein.official_name(k): v for k, v in loaded.trainable_state_dict().items()}
+    assert ours.keys() == state.keys() and all(torch.equal(ours[k], v) for k, v in state.items())
+    scores = evaluation.whole_inference(loaded, torch.randn(3, 40, 56))  # a small picture: ViT-L is slow
     assert scores.shape == (19, 40, 56) and torch.isfinite(scores).all()
 
 
@@ -1165,6 +762,442 @@ def test_official_files_and_checkpoints_fail_clearly(tmp_path):
             load(tmp_path / "old.pt")
     with pytest.raises(ValueError, match="unknown method 'lora'; expected one of rein, freeze, full"):
         rein.build_model(method="lora")
+
+
+# ---------------------------------------------------------------------------------------------
+# mask_head.py
+# ---------------------------------------------------------------------------------------------
+
+def cost_matrices(rng: np.random.Generator, shape: tuple[int, int]) -> list[np.ndarray]:
+    """Random, tied (few distinct integers, or all equal) and badly scaled matrices."""
+    return [
+        rng.random(shape),
+        rng.integers(0, 3, shape).astype(float),
+        np.full(shape, 7.0),
+        10.0 ** rng.uniform(-9, 9, shape) * rng.choice([-1, 1], shape),
+    ]
+
+
+def linear_sum_assignment(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One matrix through the batched solver, as scipy's function takes it."""
+    rows, cols = linear_sum_assignment_batch(cost[None])
+    return rows[0], cols[0]
+
+
+def check_assignment(cost: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> None:
+    """scipy's output format: int64, length min(R, C), rows ascending, no row or column twice."""
+    assert rows.dtype == cols.dtype == np.int64
+    assert len(rows) == len(cols) == min(cost.shape)
+    assert np.all(np.diff(rows) > 0) and len(set(cols.tolist())) == len(cols)
+
+
+def test_assignment_equals_brute_force_on_small_matrices():
+    """The total equals the best of all assignments, found by enumeration."""
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (1, 6), (6, 1), (3, 3), (4, 6), (6, 4), (5, 5), (2, 7)]:
+        for cost in cost_matrices(rng, shape):
+            rows, cols = linear_sum_assignment(cost)
+            check_assignment(cost, rows, cols)
+            short = cost if shape[0] <= shape[1] else cost.T
+            best = min(
+                short[np.arange(short.shape[0]), list(p)].sum()
+                for p in itertools.permutations(range(short.shape[1]), short.shape[0])
+            )
+            assert np.isclose(cost[rows, cols].sum(), best, rtol=1e-12, atol=0), (shape, cost)
+
+
+def test_assignment_never_beaten_on_large_matrices():
+    """No one of 1,000 random assignments, and no swap of two rows' columns, does better."""
+    rng = np.random.default_rng(1)
+    for shape in [(100, 19), (19, 100), (1, 80), (80, 1), (50, 50)]:
+        for cost in cost_matrices(rng, shape):
+            rows, cols = linear_sum_assignment(cost)
+            check_assignment(cost, rows, cols)
+            total = cost[rows, cols].sum()
+            tol = 1e-9 * np.abs(cost).max() * min(shape)
+            short = cost if shape[0] <= shape[1] else cost.T
+            n, m = short.shape
+            random_totals = [short[np.arange(n), rng.permutation(m)[:n]].sum() for _ in range(1000)]
+            assert min(random_totals) >= total - tol, shape
+            r, c = (rows, cols) if shape[0] <= shape[1] else (cols[np.argsort(cols)], rows[np.argsort(cols)])
+            # swapped[i, j]: row i takes row j's column and row j takes row i's.
+            swapped = short[r[:, None], c[None, :]] + short[r[None, :], c[:, None]]
+            kept = short[r, c][:, None] + short[r, c][None, :]
+            assert np.all(swapped >= kept - tol), shape
+
+
+def test_assignment_of_empty_matrices_and_bad_input():
+    """An empty matrix (no labelled pixel) gives empty int64 arrays; NaN is refused."""
+    for shape in [(0, 0), (0, 5), (5, 0)]:
+        rows, cols = linear_sum_assignment(np.zeros(shape))
+        assert rows.shape == cols.shape == (0,) and rows.dtype == cols.dtype == np.int64
+    with pytest.raises(ValueError, match="non-finite"):
+        linear_sum_assignment(np.array([[0.0, np.nan]]))
+
+
+def test_batched_assignment_matches_one_by_one():
+    """Solving problems together gives each its optimal total."""
+    rng = np.random.default_rng(2)
+    costs = rng.random((10, 100, 19))
+    rows, cols = linear_sum_assignment_batch(costs)
+    for cost, r, c in zip(costs, rows, cols):
+        single_rows, single_cols = linear_sum_assignment(cost)
+        assert np.isclose(cost[r, c].sum(), cost[single_rows, single_cols].sum(), rtol=1e-12)
+
+
+def tiny_head(num_classes: int = 3, **kwargs) -> MaskHead:
+    """A small head: width 16, 6 queries, 3 decoder layers, 1 deformable encoder layer."""
+    args = dict(in_dim=8, num_queries=6, dim=16, decoder_layers=3, encoder_layers=1, num_heads=2)
+    return MaskHead(num_classes=num_classes, **(args | kwargs))
+
+
+def tiny_maps(batch: int = 2, size: int = 64, in_dim: int = 8) -> list[torch.Tensor]:
+    """Four random ViT feature maps of a size x size image at patch 16."""
+    return [torch.randn(batch, in_dim, size // 16, size // 16) for _ in range(4)]
+
+
+@pytest.mark.parametrize("rein_queries", [False, True])
+@pytest.mark.parametrize("encoder_layers", [0, 2])
+def test_head_output_shapes(rein_queries, encoder_layers):
+    """decoder_layers + 1 predictions of class logits (B, Q, K+1) and mask embeddings; mask features at stride 4."""
+    torch.manual_seed(0)
+    head = tiny_head(rein_queries=rein_queries, encoder_layers=encoder_layers)
+    queries = torch.randn(6, 16) if rein_queries else None
+    predictions, features = head(tiny_maps(batch=2, size=64), queries)
+    assert len(predictions) == 4 and features.shape == (2, 16, 16, 16)
+    for class_logits, embedding in predictions:
+        assert class_logits.shape == (2, 6, 4) and embedding.shape == (2, 6, 16)
+    with pytest.raises(ValueError, match="decoder_layers must be >= 3.*got 2"):
+        tiny_head(decoder_layers=2)
+
+
+def test_sine_position_is_mmdets_formula():
+    """Channel 2k of the y half is sin((y + 1) / (h + 1e-6) * 2 pi / 10000^(2k / (dim/2))), 2k+1 its cos; x follows."""
+    h, w, dim = 3, 5, 8
+    pos = sine_position(h, w, dim, torch.device("cpu")).view(h, w, dim)
+    for y, x, k in itertools.product(range(h), range(w), range(dim // 4)):
+        period = 10000 ** (2 * k / (dim // 2))
+        ay, ax = (y + 1) / (h + 1e-6) * 2 * math.pi / period, (x + 1) / (w + 1e-6) * 2 * math.pi / period
+        expected = [math.sin(ay), math.cos(ay), math.sin(ax), math.cos(ax)]
+        got = [pos[y, x, 2 * k], pos[y, x, 2 * k + 1], pos[y, x, dim // 2 + 2 * k], pos[y, x, dim // 2 + 2 * k + 1]]
+        assert np.allclose(got, expected, atol=1e-5), (y, x, k)
+
+
+def bilinear_reference(value, h, w, x, y):
+    """grid_sample(align_corners=False, zeros) at one point, by hand: value (h*w, d), (x, y) in [0, 1]."""
+    px, py = x * w - 0.5, y * h - 0.5
+    x0, y0 = math.floor(px), math.floor(py)
+    out = torch.zeros(value.shape[1], dtype=torch.float64)
+    for cx, cy in itertools.product((x0, x0 + 1), (y0, y0 + 1)):
+        if 0 <= cx < w and 0 <= cy < h:
+            out += (1 - abs(px - cx)) * (1 - abs(py - cy)) * value[cy * w + cx].double()
+    return out
+
+
+def deformable_reference(value, shapes, locations, weights):
+    """sample_levels point by point: sum over levels and points of weight * bilinear sample."""
+    B, Lv, M, d = value.shape
+    _, Lq, _, L, P, _ = locations.shape
+    starts = [0, *itertools.accumulate(h * w for h, w in shapes)]
+    out = torch.zeros(B, Lq, M, d, dtype=torch.float64)
+    for b, q, m, level, p in itertools.product(range(B), range(Lq), range(M), range(L), range(P)):
+        h, w = shapes[level]
+        x, y = locations[b, q, m, level, p].tolist()
+        sampled = bilinear_reference(value[b, starts[level]:starts[level + 1], m], h, w, x, y)
+        out[b, q, m] += weights[b, q, m, level, p].item() * sampled
+    return out.view(B, Lq, M * d)
+
+
+def deformable_attention_per_level(value: torch.Tensor, shapes: list[tuple[int, int]], locations: torch.Tensor,
+                                   weights: torch.Tensor) -> torch.Tensor:
+    """`sample_levels` the way mmcv's PyTorch path computes it: one grid_sample per level.
+    The reference of the test below and of `python test_rein.py`; same arguments and result."""
+    B, Lv, M, d = value.shape
+    _, Lq, _, L, P, _ = locations.shape
+    per_level = value.split([h * w for h, w in shapes], dim=1)
+    sampled = []
+    for level, (h, w) in enumerate(shapes):
+        maps = per_level[level].permute(0, 2, 3, 1).reshape(B * M, d, h, w)  # (B*M, d, h, w)
+        grid = locations[:, :, :, level].transpose(1, 2).flatten(0, 1) * 2 - 1  # (B*M, Lq, P, 2)
+        sampled.append(F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+    sampled = torch.stack(sampled, dim=-2).flatten(-2)  # (B*M, d, Lq, L*P)
+    attention = weights.transpose(1, 2).reshape(B * M, 1, Lq, L * P)
+    return (sampled * attention).sum(-1).view(B, M * d, Lq).transpose(1, 2)  # (B, Lq, M*d)
+
+
+def test_deformable_sampling_equals_a_per_point_reference_and_the_per_level_path():
+    """sample_levels equals a slow per-point reference and mmcv's one-grid_sample-per-level path,
+    values and gradients, with points inside, on the border and outside the maps."""
+    torch.manual_seed(0)
+    shapes = [(2, 3), (3, 5), (4, 2)]
+    B, M, d, P = 2, 2, 3, 2
+    Lv = sum(h * w for h, w in shapes)
+    value = torch.randn(B, Lv, M, d, requires_grad=True)
+    locations = (torch.rand(B, 4, M, 3, P, 2) * 1.6 - 0.3).requires_grad_()
+    weights = torch.rand(B, 4, M, 3, P, requires_grad=True)
+    ours = sample_levels(value, shapes, locations, weights)
+    assert torch.allclose(ours.double(), deformable_reference(value, shapes, locations, weights), atol=1e-5)
+    per_level = deformable_attention_per_level(value, shapes, locations, weights)
+    assert torch.allclose(ours, per_level, atol=1e-5)
+    grads = [torch.autograd.grad(out.square().sum(), (value, locations, weights)) for out in (ours, per_level)]
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads))
+
+
+def test_deformable_attention_layout_is_mmcvs():
+    """Offsets are (heads, levels, points, (x, y)) in pixels of each level, weights softmaxed over a
+    head's levels and points together, around the query's reference point on every level."""
+    torch.manual_seed(0)
+    attn = DeformableAttention(dim=8, num_heads=2, num_levels=2, num_points=3)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.5)
+    shapes = [(3, 4), (5, 2)]
+    value = torch.randn(1, 22, 8)
+    query = torch.randn(1, 2, 8)
+    reference = torch.tensor([[0.3, 0.6], [0.9, 0.1]])
+    offsets = attn.sampling_offsets(query).view(1, 2, 2, 2, 3, 2)  # (B, Lq, heads, levels, points, xy)
+    weights = attn.attention_weights(query).view(1, 2, 2, 6).softmax(-1).view(1, 2, 2, 2, 3)
+    wh = torch.tensor([[4.0, 3.0], [2.0, 5.0]])  # (w, h) per level
+    locations = reference[None, :, None, None, None] + offsets / wh[:, None]
+    projected = attn.value_proj(value).view(1, 22, 2, 4)
+    expected = attn.output_proj(deformable_reference(projected, shapes, locations, weights).float())
+    assert torch.allclose(attn(query, value, reference, shapes), expected, atol=1e-5)
+    # y before x, or levels normalised by (h, w), would move the points: the test can tell.
+    swapped = reference[None, :, None, None, None] + offsets.flip(-1) / wh[:, None]
+    wrong = attn.output_proj(deformable_reference(projected, shapes, swapped, weights).float())
+    assert not torch.allclose(wrong, expected, atol=1e-3)
+
+
+def test_pixel_decoder_levels_are_deep_to_shallow():
+    """Without encoder layers, memory 0 (stride 32) comes from the deepest map alone, memory 2 (stride 8)
+    from the third; the mask features at stride 4 see the shallowest map."""
+    torch.manual_seed(0)
+    decoder = tiny_head(encoder_layers=0).pixel_decoder
+    maps = tiny_maps(batch=1, size=128)  # an 8 x 8 patch grid
+    memories, mask_features = decoder(maps)
+    assert [tuple(m.shape[-2:]) for m in memories] == [(4, 4), (8, 8), (16, 16)]
+    assert mask_features.shape[-2:] == (32, 32)
+    for changed in range(4):
+        other = [m.clone() for m in maps]
+        other[changed] += 1.0
+        new, new_features = decoder(other)
+        moved = [not torch.allclose(a, b) for a, b in zip(memories, new)]
+        assert moved == [changed == 3, changed == 2, changed == 1]
+        assert (not torch.allclose(mask_features, new_features)) == (changed in (0, 1))
+
+
+def test_projection_before_resizing_equals_resizing_before_projection():
+    """The memory saving is exact: conv1x1(resize(x)) == resize(conv1x1(x)) for the scales used."""
+    torch.manual_seed(0)
+    head = tiny_head()
+    x = torch.randn(2, 8, 6, 6)
+    for conv, scale in zip(head.pixel_decoder.input_convs, (0.5, 1, 2)):
+        resized_first = conv.gn(conv.conv(F.interpolate(x, scale_factor=scale, mode="bilinear"))) if scale != 1 \
+            else conv.gn(conv.conv(x))
+        assert torch.allclose(conv(x, scale), resized_first, atol=1e-5)
+    lateral = head.pixel_decoder.lateral_conv
+    assert torch.allclose(lateral(x, 4), lateral.gn(lateral.conv(F.interpolate(x, scale_factor=4, mode="bilinear"))),
+                          atol=1e-5)
+
+
+def test_masked_attention_ignores_features_outside_the_masks():
+    """Memory outside every query's mask cannot change the layer output, unless a mask is empty."""
+    torch.manual_seed(0)
+    layer = DecoderLayer(dim=16, num_heads=2, ffn_dim=32)
+    features = torch.eye(36).view(1, 36, 6, 6)  # one feature per pixel: a mask is its embedding
+    logits = torch.randn(1, 4, 6, 6)
+    logits[..., :3] = -5.0  # the left half is outside every mask...
+    logits[..., 0, 5] = 5.0  # ...and no mask is empty
+    attend = attention_mask(logits.flatten(2), features)
+    outside = ~attend[0].any(0)  # (36,)
+    assert outside.view(6, 6)[:, :3].all() and not outside.all()
+    query, query_pos = torch.randn(1, 4, 16), torch.randn(1, 4, 16)
+    memory, memory_pos = torch.randn(1, 36, 16), torch.randn(36, 16)
+    changed = memory.clone()
+    changed[:, outside] = torch.randn(1, int(outside.sum()), 16)
+    before = layer(query, query_pos, memory, memory_pos, attend)
+    assert torch.allclose(layer(query, query_pos, changed, memory_pos, attend), before, atol=1e-6)
+
+    logits[:, 0] = -5.0  # query 0's mask is now empty: it attends everywhere
+    attend = attention_mask(logits.flatten(2), features)
+    assert attend[0, 0].all() and not attend[0, 1].all()
+    before = layer(query, query_pos, memory, memory_pos, attend)
+    after = layer(query, query_pos, changed, memory_pos, attend)
+    assert not torch.allclose(after[:, 0], before[:, 0], atol=1e-3)
+
+
+def test_attention_masks_from_resized_features_equal_resized_masks():
+    """Mask2Former resizes each mask to the level and blocks where sigmoid < 0.5; resizing the features
+    instead gives the same logits, because a mask is linear in the features."""
+    torch.manual_seed(0)
+    embedding, features = torch.randn(2, 5, 8), torch.randn(2, 8, 32, 32)
+    for size in ((4, 4), (8, 8), (16, 16)):
+        masks = F.interpolate(mask_logits(embedding, features), size=size, mode="bilinear", align_corners=False)
+        small = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+        assert torch.allclose(mask_logits(embedding, small), masks, atol=1e-5)
+        official = masks.flatten(2).sigmoid() >= 0.5
+        official |= ~official.any(-1, keepdim=True)
+        agree = attention_mask(embedding, small) == official
+        assert agree.float().mean() > 0.999
+
+
+def synthetic_labels(num_classes: int, size: int = 64) -> torch.Tensor:
+    """(1, size, size) labels: a background, a square and a bar, on a 4-pixel grid."""
+    label = torch.zeros(1, size, size, dtype=torch.int64)
+    label[:, 8:32, 8:40] = 1 % num_classes
+    label[:, 44:56, :] = 2 % num_classes
+    return label
+
+
+@pytest.mark.parametrize(
+    "num_classes, labels",
+    [
+        (19, torch.full((2, 64, 64), 4)),  # one class
+        (19, torch.full((2, 64, 64), 255)),  # no labelled pixel
+        (19, torch.arange(19).repeat_interleave(4).repeat(64, 1)[None, :, :64].repeat(2, 1, 1)),  # 19 classes
+        (1, synthetic_labels(2).repeat(2, 1, 1).masked_fill(synthetic_labels(2) == 1, 255)),  # binary
+    ],
+    ids=["one-class", "all-ignored", "all-19", "binary"],
+)
+def test_losses_are_finite(num_classes, labels):
+    """Every loss is a finite float32 scalar, also with 19 targets for 20 queries."""
+    torch.manual_seed(0)
+    head = tiny_head(num_classes=num_classes, num_queries=20)
+    losses = SetCriterion(num_classes=num_classes, num_points=256)(*head(tiny_maps(batch=2)), labels)
+    assert set(losses) == {"loss", "loss_ce", "loss_mask", "loss_dice"}
+    for value in losses.values():
+        assert value.dtype == torch.float32 and value.ndim == 0 and torch.isfinite(value)
+    assert (losses["loss_mask"] == 0) == (labels == 255).all()
+
+
+def test_more_targets_than_queries():
+    """With 19 classes and 6 queries only 6 targets are matched; the loss stays finite."""
+    torch.manual_seed(0)
+    labels = torch.arange(19).repeat_interleave(4).repeat(64, 1)[None, :, :64]
+    predictions = tiny_head(num_classes=19)(tiny_maps(batch=1))
+    losses = SetCriterion(num_classes=19, num_points=64)(*predictions, labels)
+    assert torch.isfinite(losses["loss"])
+
+
+@pytest.mark.parametrize("rein_queries", [False, True])
+def test_every_parameter_gets_a_gradient_without_labelled_pixels(rein_queries):
+    """DDP needs every parameter in the graph: all get finite gradients from an all-255 label."""
+    torch.manual_seed(0)
+    head = tiny_head(rein_queries=rein_queries)
+    queries = torch.randn(6, 16, requires_grad=True) if rein_queries else None
+    labels = torch.full((2, 64, 64), 255)
+    SetCriterion(num_classes=3, num_points=64)(*head(tiny_maps(), queries), labels)["loss"].backward()
+    for name, p in head.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert queries is None or queries.grad is not None
+
+
+def test_bad_labels_name_the_bad_values():
+    """Label values other than 0..K-1 and 255 are refused with the values in the message."""
+    labels = torch.zeros(1, 64, 64, dtype=torch.int64)
+    labels[0, 0, :3] = torch.tensor([19, 42, -1])
+    predictions = tiny_head(num_classes=19)(tiny_maps(batch=1))
+    with pytest.raises(ValueError, match=r"0\.\.18 or 255.*found \[-1, 19, 42\]"):
+        SetCriterion(num_classes=19)(*predictions, labels)
+
+
+def test_loss_is_float32_under_bf16_autocast():
+    """The criterion computes in float32 whatever precision the head ran in."""
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        predictions, features = tiny_head()(tiny_maps())
+        losses = SetCriterion(num_classes=3, num_points=64)(predictions, features, synthetic_labels(3).repeat(2, 1, 1))
+    assert predictions[-1][1].dtype == torch.bfloat16 and features.dtype == torch.bfloat16
+    assert losses["loss"].dtype == torch.float32 and torch.isfinite(losses["loss"])
+
+
+def criterion_on_a_share(rank, world_size, port, out):
+    """One process of the normaliser test: the loss of its share of a fixed batch of 2 images."""
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.rand = fake_rand  # the same points for a mask on any rank
+    torch.manual_seed(0)
+    predictions, features = tiny_head()(tiny_maps())
+    labels = synthetic_labels(3).repeat(2, 1, 1)
+    labels[1] = 2  # the images have different numbers of masks, so the normalisers differ per rank
+    share = slice(rank, rank + 1) if world_size > 1 else slice(0, 2)
+    predictions = [(c[share], e[share]) for c, e in predictions]
+    loss = SetCriterion(num_classes=3, num_points=64)(predictions, features[share], labels[share])["loss"]
+    torch.save(loss.detach(), f"{out}_{world_size}_{rank}.pt")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def test_distributed_normalisers_are_all_reduced(tmp_path):
+    """2 gloo processes with 1 image each: the mean of their losses (what DDP's gradient averaging
+    optimises) equals the loss of both images on one process; per-rank normalisers would not."""
+    torch.multiprocessing.spawn(criterion_on_a_share, args=(2, free_port(), tmp_path / "loss"), nprocs=2)
+    torch.multiprocessing.spawn(criterion_on_a_share, args=(1, 0, tmp_path / "loss"), nprocs=1)
+    two = [torch.load(tmp_path / f"loss_2_{r}.pt") for r in range(2)]
+    one = torch.load(tmp_path / "loss_1_0.pt")
+    assert torch.allclose((two[0] + two[1]) / 2, one, rtol=1e-5)
+    assert not torch.allclose(two[0], two[1], rtol=1e-2)  # the shares really differ
+
+
+class LargestTensor(TorchFunctionMode):
+    """Records the largest tensor any torch function returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def test_loss_never_builds_full_resolution_masks_for_all_queries():
+    """Point sampling: no tensor in the criterion is as large as Q masks at label resolution."""
+    torch.manual_seed(0)
+    Q, size = 50, 128
+    predictions = tiny_head(num_queries=Q)(tiny_maps(batch=1, size=size))
+    labels = synthetic_labels(3, size)
+    with LargestTensor() as mode:
+        SetCriterion(num_classes=3, num_points=256)(*predictions, labels)
+    # The 4 predictions' stride-4 masks, computed without gradients for the matching, are the
+    # largest: 1/4 of it.
+    assert mode.numel <= Q * size * size / 4
+
+
+def test_semantic_inference_combines_class_and_mask():
+    """A confident query's class wins where its mask is on."""
+    class_logits = torch.full((1, 2, 4), -10.0)
+    class_logits[0, 0, 1] = class_logits[0, 1, 2] = 10.0  # query 0 says class 1, query 1 class 2
+    mask_logits = torch.full((1, 2, 4, 6), -10.0)
+    mask_logits[0, 0, :, :3] = mask_logits[0, 1, :, 3:] = 10.0  # left half, right half
+    scores = semantic_inference(class_logits, mask_logits)
+    assert scores.shape == (1, 3, 4, 6)
+    expected = torch.tensor([1, 1, 1, 2, 2, 2]).expand(4, 6)
+    assert torch.equal(scores[0].argmax(0), expected)
+
+
+def test_head_overfits_one_image():
+    """Head and loss learn one synthetic image to near-perfect mIoU from fixed random features."""
+    torch.manual_seed(0)
+    head = tiny_head(num_classes=3, dim=32, num_queries=8)
+    maps = tiny_maps(batch=1, size=64)
+    labels = synthetic_labels(3)
+    criterion = SetCriterion(num_classes=3, num_points=256)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    for _ in range(75):
+        loss = criterion(*head(maps), labels)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        predictions, features = head(maps)
+        scores = semantic_inference(predictions[-1][0], mask_logits(predictions[-1][1], features))  # (1, 3, 16, 16)
+    pred = torch.nn.functional.interpolate(scores, size=(64, 64), mode="bilinear").argmax(1)
+    ious = [((pred == k) & (labels == k)).sum() / ((pred == k) | (labels == k)).sum() for k in range(3)]
+    assert torch.stack(ious).mean() > 0.95, ious
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1588,6 +1621,33 @@ def test_hsv_conversions_match_colorsys():
     assert np.allclose(hsv_to_rgb(hsv.T).T, colours, atol=1e-2)
 
 
+def test_photometric_distortion_keeps_to_mmsegs_ranges():
+    """(3, h, w) in [0, 255] in and out. A grey image stays grey (hue and saturation cannot colour
+    it) within brightness +-32 then contrast x0.5-1.5; the hue step turns a colour by OpenCV's 180ths."""
+    rng = np.random.default_rng(0)
+    grey = np.full((3, 4, 4), 100, np.float32)
+    outs = [photometric_distortion(grey, rng) for _ in range(200)]
+    assert all(o.shape == (3, 4, 4) and np.allclose(o, o[0, 0, 0], atol=1e-3) for o in outs)
+    values = [int(o[0, 0, 0]) for o in outs]
+    assert min(values) >= (100 - 32) * 0.5 - 1 and max(values) <= (100 + 32) * 1.5 + 1 and len(set(values)) > 20
+
+    class HueOnly:  # draws that skip every step but the hue, turned by `turn` of 180
+        def __init__(self, turn):
+            self.draws, self.turn = iter([0.9, 0.9, 0.9, 0.9, 0.1]), turn
+
+        def random(self):
+            return next(self.draws)
+
+        def integers(self, low, high):
+            return self.turn
+
+    red = np.array([200, 60, 40], np.float32).reshape(3, 1, 1)
+    before = colorsys.rgb_to_hsv(*(red.ravel() / 255))[0]
+    for turn in (18, -18, 9):
+        after = colorsys.rgb_to_hsv(*(photometric_distortion(red, HueOnly(turn)).ravel() / 255))[0]
+        assert (after - before + 0.5) % 1 - 0.5 == pytest.approx(turn / 180, abs=1e-4)
+
+
 def test_palettes_and_colorize():
     """19 classes use Cityscapes colours, other counts distinct colours; colorize paints 255 black."""
     assert (palette_for(19) == CITYSCAPES_PALETTE).all() and len(CITYSCAPES_CLASSES) == 19
@@ -1597,6 +1657,29 @@ def test_palettes_and_colorize():
     label = torch.tensor([[0, 13], [255, 18]])
     assert colorize(label).tolist() == [[[128, 64, 128], [0, 0, 142]], [[0, 0, 0], [119, 11, 32]]]
     assert colorize(np.array([[1, 2]]), palette_for(2))[0, 1].tolist() == [0, 0, 0]
+
+
+def own_folder(root: Path, *, splits=("train", "val"), values=(0, 1), count=2) -> Path:
+    """A folder= dataset: images/SPLIT/*.png and labels/SPLIT/*.png with the given label values in stripes."""
+    for split in splits:
+        for i in range(count):
+            label = np.zeros((32, 48), dtype=np.uint8)
+            for j, v in enumerate(values):
+                label[:, j * 48 // len(values):] = v
+            save(root / "images" / split / f"{i}.png", rgb(32, 48, i))
+            save(root / "labels" / split / f"{i}.png", label)
+    return root
+
+
+@pytest.mark.parametrize("values, message", [
+    ((0, 255), "only 0 and 255: binary masks with 255 as the object.*mask // 255"),
+    ((3,), "one class only \\(value 3\\)"),
+    ((0, 1, 2, 200), "a model of 201 classes would be built, but 197 ids never occur.*set it to 255"),
+])
+def test_own_labels_that_cannot_mean_classes_are_explained(tmp_path, values, message):
+    """0/255 masks, a single class and a stray value are refused with what they probably mean."""
+    with pytest.raises(ValueError, match=message):
+        build_dataset("folder", own_folder(tmp_path / "mine", splits=("train",), values=values), "train", train=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1681,12 +1764,12 @@ def test_eval_sliding_windows_cover_every_pixel_and_batch_the_windows(h, w):
 
 def test_eval_labelids_are_what_the_benchmark_server_reads(tmp_path, capsys):
     """--format labelids: full-resolution PNGs that map back through the Cityscapes table to the prediction."""
-    root = cityscapes_folder(tmp_path / "cityscapes", count=2)
+    root = cityscapes_folder(tmp_path / "cityscapes", count=1)
     write_checkpoint(tmp_path / "last.pt")
     out = tmp_path / "preds"
     results = evaluation.main(evaluation.parse_args([
         "--ckpt", str(tmp_path / "last.pt"), "--data", f"cityscapes={root}", "--save-dir", str(out),
-        "--format", "labelids", "--workers", "0", "--json", str(tmp_path / "r.json")]))
+        "--format", "labelids", "--workers", "0", "--json", str(tmp_path / "r.json"), "--whole"]))
     model, _ = evaluation.load_checkpoint(tmp_path / "last.pt")
     dataset = build_dataset("cityscapes", root, "val", train=False)
     lut = label_lut("cityscapes")
@@ -1694,10 +1777,10 @@ def test_eval_labelids_are_what_the_benchmark_server_reads(tmp_path, capsys):
         sample = dataset[i]
         png = np.asarray(Image.open(out / "cityscapes" / f"{sample['name']}.png"))
         assert png.shape == sample["label"].shape == (64, 96)
-        expected = evaluation.predict_labels(model, sample["image"], (64, 96), window=64, stride=48).numpy()
+        expected = evaluation.predict_labels(model, sample["image"], (64, 96), slide=False).numpy()
         assert np.array_equal(lut[png], expected)
     saved = json.loads((tmp_path / "r.json").read_text())["datasets"]["cityscapes"]
-    assert saved["images"] == 2 and saved["miou"] == pytest.approx(results["cityscapes"]["miou"])
+    assert saved["images"] == 1 and saved["miou"] == pytest.approx(results["cityscapes"]["miou"])
     assert np.array(saved["confusion"]).sum() == sum((s["label"] != 255).sum().item() for s in dataset)
     assert "mIoU" in capsys.readouterr().out
 
@@ -1761,18 +1844,15 @@ def test_eval_distributed_counts_every_image_once(tmp_path):
         save(root / "images" / f"{i}.jpg", rgb(48, 80, seed=i))
         save(root / "labels" / f"{i}.png", np.random.default_rng(i).integers(0, 19, (48, 80)).astype(np.uint8))
     write_checkpoint(tmp_path / "last.pt")
-    confusions = []
-    for procs in (1, 2):
-        out = tmp_path / f"r{procs}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master-port",
-               str(free_port()), "eval.py", "--ckpt", str(tmp_path / "last.pt"), "--data", f"folder={root}",
-               "--workers", "0", "--json", str(out)]
-        subprocess.run(cmd, check=True, cwd=Path(__file__).parent, capture_output=True, timeout=120,
-                       env=os.environ | {"OMP_NUM_THREADS": "1"})
-        saved = json.loads(out.read_text())["datasets"][str(root)]
-        assert saved["images"] == 5
-        confusions.append(saved["confusion"])
-    assert confusions[0] == confusions[1] and np.array(confusions[0]).sum() > 0
+    argv = ["--ckpt", str(tmp_path / "last.pt"), "--data", f"folder={root}", "--workers", "0", "--json"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", str(free_port()),
+           "eval.py", *argv, str(tmp_path / "two.json")]
+    subprocess.run(cmd, check=True, cwd=Path(__file__).parent, capture_output=True, timeout=120,
+                   env=os.environ | {"OMP_NUM_THREADS": "1"})
+    evaluation.main(evaluation.parse_args(argv + [str(tmp_path / "one.json")]))
+    one, two = (json.loads((tmp_path / f).read_text())["datasets"][str(root)] for f in ("one.json", "two.json"))
+    assert one["images"] == two["images"] == 5
+    assert one["confusion"] == two["confusion"] and np.array(one["confusion"]).sum() > 0
 
 
 def test_eval_errors_are_clear(tmp_path):
@@ -1800,6 +1880,55 @@ def test_eval_errors_are_clear(tmp_path):
     with pytest.raises(PermissionError, match="--save-dir .*file/preds is not writable"):
         evaluation.main(evaluation.parse_args(["--ckpt", str(ckpt), "--image", str(tmp_path),
                                                "--save-dir", str(tmp_path / "file" / "preds")]))
+
+
+def test_own_images_keep_their_folders_and_never_overwrite_anything(tmp_path):
+    """Sub-folders are kept, same-stem files get distinct names, and --save-dir on the inputs is refused."""
+    photos = tmp_path / "photos"
+    for name in ("a.jpg", "a.png", "sub/a.jpg"):
+        save(photos / name, rgb(32, 48))
+    pairs = evaluation.image_outputs([str(photos)], tmp_path / "preds")
+    assert [str(o.relative_to(tmp_path / "preds")) for _, o in pairs] == ["a.jpg.png", "a.png.png", "sub/a.png"]
+    before = (photos / "a.png").read_bytes()
+    with pytest.raises(ValueError, match="would overwrite .*a.png"):
+        evaluation.image_outputs([str(photos / "a.png")], photos)
+    flat = tmp_path / "flat"
+    save(flat / "x.png", rgb(32, 48))
+    with pytest.raises(ValueError, match="--save-dir .*flat would overwrite"):
+        evaluation.image_outputs([str(flat)], flat)
+    assert (photos / "a.png").read_bytes() == before
+
+
+def test_eval_mistakes_are_named(tmp_path, capsys):
+    """--format labelids without label ids, --format with --image, a bogus split, a file that is no checkpoint."""
+    ckpt = tmp_path / "last.pt"
+    write_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="--format labelids writes a dataset's own label ids, and synthetic:fog"):
+        evaluation.main(evaluation.parse_args(["--ckpt", str(ckpt), "--data", "synthetic:fog", "--format",
+                                               "labelids", "--save-dir", str(tmp_path / "p"), "--workers", "0"]))
+    for argv, message in ((["--image", "x.jpg", "--save-dir", "p", "--format", "labelids"],
+                           "--format labelids needs a dataset's label ids"),
+                          (["--data", "synthetic:fog", "--split", "bogus"], "invalid choice: 'bogus'")):
+        with pytest.raises(SystemExit):
+            evaluation.parse_args(["--ckpt", str(ckpt), *argv])
+        assert message in capsys.readouterr().err
+    (tmp_path / "notes.pt").write_text("my notes")
+    with pytest.raises(ValueError, match="notes.pt cannot be read as a train.py checkpoint .*: it is not a PyTorch "
+                                         "checkpoint file, or it is truncated \\(\\w+\\)$"):
+        evaluation.load_checkpoint(tmp_path / "notes.pt")
+
+
+def test_prediction_pictures_carry_a_legend(tmp_path):
+    """The colour overlay gets a strip naming the classes shown, with their colours."""
+    pred = np.zeros((40, 60), dtype=np.int64)
+    pred[:, 30:] = 13
+    evaluation.save_prediction(tmp_path / "p.png", pred, "color", rgb=rgb(40, 60), classes=CITYSCAPES_CLASSES,
+                               palette=CITYSCAPES_PALETTE, label=None, to_raw=None)
+    picture = np.asarray(Image.open(tmp_path / "p.png"))
+    assert picture.shape[0] > 40 and picture.shape[1] == 60
+    strip = picture[40:].reshape(-1, 3)
+    for k in (0, 13):  # road and car swatches are drawn in their palette colours
+        assert (strip == CITYSCAPES_PALETTE[k]).all(1).sum() >= 50
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1853,15 +1982,22 @@ def fake_rand(*size, **kwargs):
     return values.to(kwargs.get("device", "cpu"))
 
 
-def ddp_steps(rank, world_size, method, port, out):
-    """One process of the DDP test: two steps on its share of a fixed batch of 4; saves grads and params."""
-    if world_size > 1:
-        os.environ |= dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-        dist.init_process_group("gloo")
+def ddp_steps(rank, world_size, port, out):
+    """One process of the DDP test: for each method, two steps on its share of a fixed batch of 4;
+    saves the gradients and parameters."""
+    os.environ |= dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                       LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo")
     torch.set_num_threads(1)
     torch.rand = fake_rand  # the loss samples points at random; make them the same in both set-ups
-    torch.manual_seed(0)
+    for method in rein.METHODS:
+        torch.manual_seed(0)
+        torch.save(ddp_record(method, rank, world_size), f"{out}_{method}_{rank}.pt")
+    dist.destroy_process_group()
+
+
+def ddp_record(method, rank, world_size):
+    """Two steps of `method` on this rank's share of a fixed batch of 4: gradients and parameters."""
     model = small_model(method)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -1877,27 +2013,27 @@ def ddp_steps(rank, world_size, method, port, out):
         record[f"grads{step}"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         optimizer.step()
         record[f"params{step}"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save(record, f"{out}_{rank}.pt")
-    if world_size > 1:
-        dist.destroy_process_group()
+    return record
 
 
-@pytest.mark.parametrize("method", rein.METHODS)
-def test_train_ddp_on_two_processes_equals_one_process(tmp_path, method):
-    """2 gloo processes with 2 crops each: the same gradients and parameters as 1 process with 4; no DDP error."""
-    torch.multiprocessing.spawn(ddp_steps, args=(2, method, free_port(), tmp_path / "two"),
-                                nprocs=2)
-    torch.multiprocessing.spawn(ddp_steps, args=(1, method, 0, tmp_path / "one"), nprocs=1)
-    one, two, other_rank = (torch.load(tmp_path / f, weights_only=True) for f in ("one_0.pt", "two_0.pt", "two_1.pt"))
-    for key in ("grads0", "params0", "grads1", "params1"):
-        # Float noise only: 1e-4 of the largest gradient (some gradients are zero in theory,
-        # such as those of attention key biases, and hold only noise); SGD turns the same
-        # bound on the gradients into one on the parameters.
-        scale = max(v.abs().max() for v in one["grads" + key[-1]].values())
-        tolerance = 1e-4 * scale * (1 if key.startswith("grads") else 0.1)  # SGD's lr is 0.1
-        for name, value in one[key].items():
-            assert (two[key][name] - value).abs().max() <= tolerance, (key, name)
-            assert torch.equal(two[key][name], other_rank[key][name]), (key, name)
+def test_train_ddp_on_two_processes_equals_one_process(tmp_path, monkeypatch):
+    """2 gloo processes with 2 crops each: the same gradients and parameters as 1 process with 4
+    (this one), for each method; no DDP error."""
+    torch.multiprocessing.spawn(ddp_steps, args=(2, free_port(), tmp_path / "two"), nprocs=2)
+    monkeypatch.setattr(torch, "rand", fake_rand)
+    for method in rein.METHODS:
+        torch.manual_seed(0)
+        one = ddp_record(method, rank=0, world_size=1)
+        two, other_rank = (torch.load(tmp_path / f"two_{method}_{rank}.pt", weights_only=True) for rank in (0, 1))
+        for key in ("grads0", "params0", "grads1", "params1"):
+            # Float noise only: 1e-4 of the largest gradient (some gradients are zero in theory,
+            # such as those of attention key biases, and hold only noise); SGD turns the same
+            # bound on the gradients into one on the parameters.
+            scale = max(v.abs().max() for v in one["grads" + key[-1]].values())
+            tolerance = 1e-4 * scale * (1 if key.startswith("grads") else 0.1)  # SGD's lr is 0.1
+            for name, value in one[key].items():
+                assert (two[key][name] - value).abs().max() <= tolerance, (key, name)
+                assert torch.equal(two[key][name], other_rank[key][name]), (key, name)
 
 
 def test_train_sampler_splits_the_global_batch_across_ranks():
@@ -1943,10 +2079,8 @@ def test_train_bad_input_fails_before_training(tmp_path):
         train.main(train.parse_args(TINY_RUN + ["--backbone", "vitb14", "--weights", str(tmp_path / "small.pth"),
                                                 "--out", str(tmp_path / "r")]))
     assert not (tmp_path / "r" / "last.pt").exists()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
-                           str(free_port()), "train.py", *TINY_RUN, "--batch-size", "3", "--out", str(tmp_path / "r")],
-                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "--batch-size 3 is the global batch and must divide among 2" in proc.stderr
+    with pytest.raises(ValueError, match="--batch-size 3 is the global batch and must divide among 2 processes"):
+        train.train(train.parse_args(TINY_RUN + ["--batch-size", "3"]), torch.device("cpu"), rank=0, world_size=2)
 
 
 def test_train_and_eval_on_dinov3(tmp_path):
@@ -1974,22 +2108,6 @@ def test_train_bench_reports_time_and_memory(capsys):
     out = capsys.readouterr().out
     assert re.search(r"bench: rein vits14 patch 16, 32x32, batch 2, cpu, fp32: [\d.]+ ms/step, [\d.]+ images/s, "
                      r"peak [\d.]+ GiB process peak RSS", out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Your own data, and plain mistakes (train.py, eval.py, vit.py)
-# ---------------------------------------------------------------------------------------------
-
-def own_folder(root: Path, *, splits=("train", "val"), values=(0, 1), count=2) -> Path:
-    """A folder= dataset: images/SPLIT/*.png and labels/SPLIT/*.png with the given label values in stripes."""
-    for split in splits:
-        for i in range(count):
-            label = np.zeros((32, 48), dtype=np.uint8)
-            for j, v in enumerate(values):
-                label[:, j * 48 // len(values):] = v
-            save(root / "images" / split / f"{i}.png", rgb(32, 48, i))
-            save(root / "labels" / split / f"{i}.png", label)
-    return root
 
 
 def own_run(data_arg: str, out: Path, *extra: str) -> list[str]:
@@ -2022,34 +2140,6 @@ def test_absolute_dataset_paths_never_receive_predictions(tmp_path):
                                            "--save-dir", str(tmp_path / "preds"), "--workers", "0"]))
     assert list((tmp_path / "preds").glob("*/0.png"))
     assert sorted(p for p in mine.rglob("*")) == before
-
-
-def test_own_images_keep_their_folders_and_never_overwrite_anything(tmp_path):
-    """Sub-folders are kept, same-stem files get distinct names, and --save-dir on the inputs is refused."""
-    photos = tmp_path / "photos"
-    for name in ("a.jpg", "a.png", "sub/a.jpg"):
-        save(photos / name, rgb(32, 48))
-    pairs = evaluation.image_outputs([str(photos)], tmp_path / "preds")
-    assert [str(o.relative_to(tmp_path / "preds")) for _, o in pairs] == ["a.jpg.png", "a.png.png", "sub/a.png"]
-    before = (photos / "a.png").read_bytes()
-    with pytest.raises(ValueError, match="would overwrite .*a.png"):
-        evaluation.image_outputs([str(photos / "a.png")], photos)
-    flat = tmp_path / "flat"
-    save(flat / "x.png", rgb(32, 48))
-    with pytest.raises(ValueError, match="--save-dir .*flat would overwrite"):
-        evaluation.image_outputs([str(flat)], flat)
-    assert (photos / "a.png").read_bytes() == before
-
-
-@pytest.mark.parametrize("values, message", [
-    ((0, 255), "only 0 and 255: binary masks with 255 as the object.*mask // 255"),
-    ((3,), "one class only \\(value 3\\)"),
-    ((0, 1, 2, 200), "a model of 201 classes would be built, but 197 ids never occur.*set it to 255"),
-])
-def test_own_labels_that_cannot_mean_classes_are_explained(tmp_path, values, message):
-    """0/255 masks, a single class and a stray value are refused with what they probably mean."""
-    with pytest.raises(ValueError, match=message):
-        build_dataset("folder", own_folder(tmp_path / "mine", splits=("train",), values=values), "train", train=True)
 
 
 def test_resume_with_other_options_is_refused_and_the_record_kept(tmp_path, capsys):
@@ -2098,44 +2188,55 @@ def test_failed_start_leaves_no_folder(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_eval_mistakes_are_named(tmp_path, capsys):
-    """--format labelids without label ids, --format with --image, a bogus split, a file that is no checkpoint."""
-    ckpt = tmp_path / "last.pt"
-    write_checkpoint(ckpt)
-    with pytest.raises(ValueError, match="--format labelids writes a dataset's own label ids, and synthetic:fog"):
-        evaluation.main(evaluation.parse_args(["--ckpt", str(ckpt), "--data", "synthetic:fog", "--format",
-                                               "labelids", "--save-dir", str(tmp_path / "p"), "--workers", "0"]))
-    for argv, message in ((["--image", "x.jpg", "--save-dir", "p", "--format", "labelids"],
-                           "--format labelids needs a dataset's label ids"),
-                          (["--data", "synthetic:fog", "--split", "bogus"], "invalid choice: 'bogus'")):
-        with pytest.raises(SystemExit):
-            evaluation.parse_args(["--ckpt", str(ckpt), *argv])
-        assert message in capsys.readouterr().err
-    (tmp_path / "notes.pt").write_text("my notes")
-    with pytest.raises(ValueError, match="notes.pt cannot be read as a train.py checkpoint .*: it is not a PyTorch "
-                                         "checkpoint file, or it is truncated \\(\\w+\\)$"):
-        evaluation.load_checkpoint(tmp_path / "notes.pt")
+# ---------------------------------------------------------------------------------------------
+# Benchmark, not a test: python test_rein.py
+# ---------------------------------------------------------------------------------------------
+
+def benchmark(repeats: int = 5) -> None:
+    """Deformable attention of the paper's pixel decoder (512 x 512 crops, batch 2), ours
+    against one grid_sample per level, forward and backward; then one training step's matching."""
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def best_ms(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return 1000 * min(times)
+
+    B, M, d, P, shapes = 2, 8, 32, 4, [(16, 16), (32, 32), (64, 64)]
+    Lq = sum(h * w for h, w in shapes)
+    value = torch.randn(B, Lq, M, d, device=device, requires_grad=True)
+    locations = torch.rand(B, Lq, M, len(shapes), P, 2, device=device, requires_grad=True)
+    weights = torch.rand(B, Lq, M, len(shapes), P, device=device, requires_grad=True)
+    print(f"deformable attention, {Lq} queries x {M} heads x {len(shapes)} levels x {P} points, batch {B}, "
+          f"{device}, {torch.get_num_threads()} threads, best of {repeats}:")
+    for name, fn in (("one grid_sample per level", deformable_attention_per_level), ("sample_levels", sample_levels)):
+        forward = best_ms(lambda: fn(value, shapes, locations, weights))
+        both = best_ms(lambda: fn(value, shapes, locations, weights).square().sum().backward())
+        print(f"  {name:26s} forward {forward:8.1f} ms, backward {both - forward:8.1f} ms")
+
+    B, L, Q, K = 4, 10, 100, 19
+    criterion = SetCriterion(num_classes=K).to(device)
+    predictions = [(torch.randn(B, Q, K + 1, device=device), torch.randn(B, Q, 256, device=device))
+                   for _ in range(L)]
+    features = torch.randn(B, 256, 128, 128, device=device)
+    blocks = torch.stack([torch.randperm(256).remainder(K).view(16, 16) for _ in range(B)])  # all K in each
+    labels = blocks.repeat_interleave(32, 1).repeat_interleave(32, 2).to(device)  # (B, 512, 512)
+    targets = criterion.targets(labels)
+    costs = [np.random.default_rng(b).random((L, Q, K)) for b in range(B)]
+    assign = best_ms(lambda: [linear_sum_assignment_batch(cost) for cost in costs])
+    match = best_ms(lambda: criterion.match(predictions, features, targets))
+    print(f"matching, {B} images x {L} predictions of {Q} queries x {K} targets, {criterion.num_points} points:")
+    print(f"  assignment only               {assign:8.2f} ms")
+    print(f"  whole matching (costs + LSA)  {match:8.2f} ms")
 
 
-def test_prediction_pictures_carry_a_legend(tmp_path):
-    """The colour overlay gets a strip naming the classes shown, with their colours."""
-    pred = np.zeros((40, 60), dtype=np.int64)
-    pred[:, 30:] = 13
-    evaluation.save_prediction(tmp_path / "p.png", pred, "color", rgb=rgb(40, 60), classes=CITYSCAPES_CLASSES,
-                               palette=CITYSCAPES_PALETTE, label=None, to_raw=None)
-    picture = np.asarray(Image.open(tmp_path / "p.png"))
-    assert picture.shape[0] > 40 and picture.shape[1] == 60
-    strip = picture[40:].reshape(-1, 3)
-    for k in (0, 13):  # road and car swatches are drawn in their palette colours
-        assert (strip == CITYSCAPES_PALETTE[k]).all(1).sum() >= 50
-
-
-def test_vit_command_line_takes_reg4_names_and_rejects_bad_patches():
-    """python vit.py vitl14_reg4 works; --patch-size 0 is an error that names it."""
-    run = lambda *a: subprocess.run([sys.executable, "vit.py", *a], cwd=Path(__file__).parent, capture_output=True,
-                                    text=True, timeout=60)
-    good = run("vitl14_reg4")
-    assert good.returncode == 0 and "4 registers, 304,372,736 parameters" in good.stdout
-    bad = run("vitl14", "--patch-size", "0")
-    assert bad.returncode == 2 and "--patch-size must be a positive number of pixels, got 0" in bad.stderr
-    assert "dinov3, width 1024" in run("dinov3_vitl16").stdout
+if __name__ == "__main__":
+    benchmark()

@@ -1,35 +1,26 @@
 """Train Rein (or the frozen / fully fine-tuned baselines) for domain-generalised segmentation.
 
-The built-in demo, on any machine and with no download: a small random ViT on synthetic
-street scenes, trained on the flat "game" domain and evaluated on all five domains
-(under 4 minutes on 2 CPU cores):
+The demo, on any machine and with no download: a small random ViT learns synthetic street
+scenes of the flat "game" domain and is evaluated on all five domains (under 4 minutes on
+2 CPU cores). Then the paper's run, GTAV -> Cityscapes, BDD100K, Mapillary with DINOv2-L;
+the same on DINOv3-L (weights on request from Meta); on 8 GPUs; on 2 machines of 8:
 
     python train.py
-
-The paper's run, GTAV -> Cityscapes, BDD100K, Mapillary, with DINOv2-L on one GPU:
-
     python train.py --data gta --val cityscapes,bdd,mapillary --backbone vitl14 --weights vitl14
-
-The same with DINOv3-L (its weights are given out on request; pass the downloaded file):
-
     python train.py --data gta --backbone dinov3_vitl16 --weights dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth
-
-On 8 GPUs of one machine, and on 2 machines of 8 (the same command on each, with its rank):
-
     torchrun --nproc_per_node 8 train.py --data gta --val cityscapes,bdd,mapillary
     torchrun --nnodes 2 --node-rank 0 --nproc_per_node 8 --master-addr HOST --master-port 29500 \\
         train.py --data gta --val cityscapes,bdd,mapillary
 
-Any dataset other than `synthetic` gets the paper's recipe by default (`--preset paper`):
-DINOv2-L with patch 16, 512 x 512 crops, batch 4, AdamW at 1e-4, poly decay over 40,000
-iterations. The batch size is global: `--batch-size 4` means 4 crops per step whatever the
-number of GPUs. `--bench 20` times 20 training steps on random inputs instead.
+Any dataset other than `synthetic` gets the paper's recipe (`--preset paper`): DINOv2-L with
+patch 16, 512 x 512 crops, batch 4 (global: 4 crops per step whatever the number of GPUs),
+AdamW at 1e-4, poly decay over 40,000 iterations. `--bench 20` times 20 steps instead.
 
 The run folder (`--out`, default runs/DATA) receives args.json, log.jsonl, last.pt and
-validation pictures. If it already holds last.pt, the run resumes from it exactly (model,
-optimiser, schedule, iteration, sampler position and every random state); so does
-`--resume PATH`; only options that do not change what the run computes (workers, logging,
-validation, compile) may differ. SIGTERM or Ctrl-C writes last.pt, then exits with status 1.
+validation pictures. If it holds last.pt (or with `--resume PATH`), the run resumes exactly:
+model, optimiser, schedule, iteration, sampler position and every random state; only options
+that do not change what the run computes may differ. SIGTERM or Ctrl-C writes last.pt, then
+exits with status 1.
 """
 
 import argparse
@@ -55,18 +46,22 @@ import vit
 
 PRESETS = {
     # The recipe behind the paper's GTAV -> Cityscapes, BDD100K, Mapillary table (Table 2; official configs).
-    "paper": dict(backbone="vitl14", patch_size=16, crop_size=512, batch_size=4, iters=40_000,
-                  lr=1e-4, num_queries=100, head_dim=256, head_layers=9, encoder_layers=6, num_points=12544, eval_every=4000,
-                  save_every=1000, window=512, stride=341, workers=4),
+    "paper": dict(backbone="vitl14", patch_size=16, crop_size=512, batch_size=4, iters=40_000, lr=1e-4,
+                  num_queries=100, head_dim=256, head_layers=9, encoder_layers=6, num_points=12544,
+                  eval_every=4000, save_every=1000, window=512, stride=341, workers=4),
     # A few minutes on 2 CPU cores: a random ViT-S, a narrow head, small synthetic scenes.
-    "demo": dict(backbone="vits14", weights=None, patch_size=16, crop_size=96, batch_size=6, iters=250,
-                 lr=1e-3, num_queries=20, head_dim=64, head_layers=3, encoder_layers=1, num_points=784, eval_every=250,
-                 save_every=100, window=96, stride=72, workers=2),
+    "demo": dict(backbone="vits14", weights=None, patch_size=16, crop_size=96, batch_size=6, iters=250, lr=1e-3,
+                 num_queries=20, head_dim=64, head_layers=3, encoder_layers=1, num_points=784,
+                 eval_every=250, save_every=100, window=96, stride=72, workers=2),
 }
 # Validation sets tried when --val is not given; those not found under data/ are skipped.
 DEFAULT_VAL = {"cityscapes": "cityscapes,acdc,bdd,mapillary", "gta": "cityscapes,bdd,mapillary",
                "synthia": "cityscapes,bdd,mapillary",
                "synthetic": ",".join(f"synthetic:{d}" for d in data.SYNTHETIC_DOMAINS)}
+# Options that may change when a run resumes: they do not change what the run computes.
+RESUMABLE_CHANGES = ("out", "resume", "workers", "log_every", "save_every", "eval_every", "compile", "grad_ckpt",
+                     "fp32", "val")
+SYNTHETIC_LENGTH = {"train": 1000, "val": 20, "test": 20}
 
 
 class PresetHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -79,11 +74,6 @@ class PresetHelp(argparse.ArgumentDefaultsHelpFormatter):
                       for name, preset in PRESETS.items()}
             return f"{action.help or ''} (demo: {values['demo']}; paper: {values['paper']})".strip()
         return super()._get_help_string(action) if action.default is not None else action.help or ""
-
-
-# Options that may change when a run resumes: they do not change what the run computes.
-RESUMABLE_CHANGES = ("out", "resume", "workers", "log_every", "save_every", "eval_every", "compile", "grad_ckpt",
-                     "fp32", "val")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,8 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.weights is None and args.preset == "paper":
         args.weights = args.backbone  # a DINOv2 name downloads; a DINOv3 one says where to get the file
     check_numbers(p, args)
-    if args.out is None:
-        args.out = Path("runs") / args.data.split("=")[0].replace(":", "_").replace("+", "_")
+    args.out = args.out or Path("runs") / args.data.split("=")[0].replace(":", "_").replace("+", "_")
     return args
 
 
@@ -147,9 +136,8 @@ def check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                     encoder_layers=0, num_points=1, eval_every=1, save_every=1, log_every=1, window=1, stride=1,
                     workers=0, bench=1)
     for key, low in at_least.items():
-        value = getattr(args, key)
-        if value is not None and value < low:
-            p.error(f"--{key.replace('_', '-')} must be at least {low}, got {value}")
+        if getattr(args, key) is not None and getattr(args, key) < low:
+            p.error(f"--{key.replace('_', '-')} must be at least {low}, got {getattr(args, key)}")
     if args.lr <= 0 or args.weight_decay < 0:
         p.error(f"--lr must be positive and --weight-decay at least 0, got {args.lr} and {args.weight_decay}")
     for key in ("crop_size", "window"):
@@ -161,8 +149,56 @@ def check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Distributed set-up
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_distributed() -> torch.device:
+    """Reads torchrun's environment; NCCL on CUDA, gloo on CPU. Returns this process's device."""
+    if "LOCAL_RANK" not in os.environ:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        # The device is chosen before the process group, so NCCL binds to the right GPU.
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM and Ctrl-C to the main process, which saves a checkpoint
+    and shuts them down; a worker that died first would fail the loader in the middle of a step."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Fails before any work if `folder` (given as `flag`) could not be created or written to.
+    Creates nothing: a run that fails to start leaves no folder behind."""
+    existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {folder} is not writable: {existing} is "
+                              f"{'not a folder' if not existing.is_dir() else 'read-only for this user'}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Data: a resumable sampler whose augmentations do not depend on the number of GPUs
 # ---------------------------------------------------------------------------------------------
+
+
+def dataset_kwargs(name: str, split: str, run_args: dict) -> dict:
+    """Synthetic scenes as a run drew them: twice as wide as its crop, from its seed."""
+    if name.startswith("synthetic"):
+        crop = run_args.get("crop_size", 512)
+        return dict(image_size=(2 * crop, crop), length=SYNTHETIC_LENGTH[split], seed=run_args.get("seed", 0))
+    return {}
 
 
 class TrainSampler(torch.utils.data.DistributedSampler):
@@ -209,30 +245,47 @@ def batches(loader, sampler: TrainSampler, *, epoch: int, position: int):
         epoch, position = epoch + 1, 0
 
 
-def validation_sets(args: argparse.Namespace, rank: int) -> list:
-    """The --val datasets. Without --val: the training source's own val split (from the same
-    folder; GTAV and Synthia have none), then the usual target domains found under data/."""
-    if args.val:
-        return [data.build_dataset(name, root, "val", train=False, **evaluation.dataset_kwargs(name, "val", vars(args)))
-                for name, root in data.parse_data(args.val)]
-    (name, root), source = data.parse_data(args.data)[0], data.first_source(args.data)
-    candidates = [] if "+" in name or source in ("gta", "synthia") else [(name, root)]
-    if source in DEFAULT_VAL:
+def datasets(args: argparse.Namespace, rank: int) -> tuple:
+    """The training set and the validation sets, checked before anything is created.
+
+    Without --val: the training source's own val split (GTAV and Synthia have none), then the
+    usual target domains found under data/.
+    """
+    if rank == 0:
+        check_writable(args.out, "--out")
+    sources = data.parse_data(args.data)
+    if len(sources) != 1:
+        raise ValueError(f"--data {args.data}: one training set, e.g. gta or gta+synthia (',' separates "
+                         f"--val datasets)")
+    (name, root), source = sources[0], data.first_source(args.data)
+    train_set = data.build_dataset(name, root, "train", train=True, crop_size=args.crop_size,
+                                   **dataset_kwargs(name, "train", vars(args)))
+    if len(train_set) < args.batch_size:
+        raise ValueError(f"{args.data} has {len(train_set)} training images, fewer than --batch-size "
+                         f"{args.batch_size}")
+    candidates = data.parse_data(args.val) if args.val else \
+        [] if "+" in name or source in ("gta", "synthia") else [(name, root)]
+    if not args.val and source in DEFAULT_VAL:
         candidates += [(target, None) for target, _ in data.parse_data(DEFAULT_VAL[source]) if target != name]
-    if source == "folder" and not (Path(root) / "images" / "val").is_dir():
+    if not args.val and source == "folder" and not (Path(root) / "images" / "val").is_dir():
         candidates = []
         if rank == 0:
             print(f"validation: none, since {root} has no images/val split; training goes on without it "
                   f"(give --val folder=PATH of your validation images to have one)")
-    found = []
-    for name, root in candidates:
+    val_sets = []
+    for val_name, val_root in candidates:
         try:
-            found.append(data.build_dataset(name, root, "val", train=False,
-                                            **evaluation.dataset_kwargs(name, "val", vars(args))))
+            val_sets.append(data.build_dataset(val_name, val_root, "val", train=False,
+                                               **dataset_kwargs(val_name, "val", vars(args))))
         except FileNotFoundError as e:
+            if args.val:
+                raise
             if rank == 0:
-                print(f"validation: skipping {name}: {e}")
-    return found
+                print(f"validation: skipping {val_name}: {e}")
+    if rank == 0:
+        print(f"{args.preset} preset: {args.method} on {args.backbone}, {args.iters:,} iterations of batch "
+              f"{args.batch_size} at {args.crop_size}x{args.crop_size}, {train_set.num_classes} classes")
+    return train_set, val_sets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,12 +293,28 @@ def validation_sets(args: argparse.Namespace, rank: int) -> list:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_optimizer(model: rein.Segmenter, args: argparse.Namespace, device: torch.device):
-    """AdamW over the trainable parameters (the official recipe) and the poly schedule, stepped per iteration."""
+def build(args: argparse.Namespace, device: torch.device, world_size: int, *, num_classes: int) -> tuple:
+    """The model (the same initial weights on every rank), its DDP wrapper, AdamW (the official
+    recipe) and the poly schedule, stepped per iteration."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    model = rein.build_model(method=args.method, backbone=args.backbone, weights=args.weights,
+                             num_classes=num_classes, patch_size=args.patch_size, num_queries=args.num_queries,
+                             head_dim=args.head_dim, head_layers=args.head_layers,
+                             encoder_layers=args.encoder_layers, num_points=args.num_points,
+                             grad_ckpt=args.grad_ckpt).to(device)
+    if args.compile:
+        model.backbone.compile()
+        model.head.compile()
+    # DDP sees only the trainable parameters: a frozen ViT never counts as unused.
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world_size > 1 else model
     optimizer = torch.optim.AdamW(model.param_groups(lr=args.lr, weight_decay=args.weight_decay),
                                   betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: (1 - it / args.iters) ** 0.9)
-    return optimizer, schedule
+    return model, ddp, optimizer, schedule
 
 
 def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, autocast) -> dict[str, torch.Tensor]:
@@ -258,7 +327,7 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, aut
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
+# Exact resume: checkpoints with every random state
 # ---------------------------------------------------------------------------------------------
 
 
@@ -281,11 +350,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_atomically(obj: dict, path: Path) -> None:
-    """A temporary file, then a rename: a crash never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_checkpoint(args, run: dict, model, optimizer, schedule, rank: int, world_size: int) -> None:
+    """OUT/last.pt with every rank's random state, written by rank 0 alone: a temporary file,
+    then a rename, so that a crash never leaves a half-written checkpoint."""
+    states = [rng_state()]
+    if world_size > 1:
+        states = [None] * world_size
+        dist.all_gather_object(states, rng_state())
+    if rank == 0:
+        path = args.out / "last.pt"
+        torch.save(dict(config=model.config, model=model.trainable_state_dict(), optimizer=optimizer.state_dict(),
+                        schedule=schedule.state_dict(), rng=states, **run), path.with_name("last.pt.tmp"))
+        os.replace(path.with_name("last.pt.tmp"), path)
 
 
 def load_resume(path: Path, model: rein.Segmenter, plain_args: dict) -> dict:
@@ -307,184 +383,10 @@ def load_resume(path: Path, model: rein.Segmenter, plain_args: dict) -> dict:
     return ckpt
 
 
-class Interrupted(Exception):
-    """SIGTERM or Ctrl-C stopped training after last.pt was written."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation and benchmark
-# ---------------------------------------------------------------------------------------------
-
-
-def validate(model, val_sets, args, device, iteration: int, rank: int) -> dict:
-    """Every validation set, with 4 coloured predictions per set saved under OUT/val/ITERATION."""
-    results = {}
-    for ds in val_sets:
-        out_dir = args.out / "val" / f"iter_{iteration:06d}" / evaluation.folder_name(ds.name)
-        if rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        results[ds.name] = evaluation.evaluate(model, ds, device=device, window=args.window, stride=args.stride,
-                                               workers=args.workers, save_dir=out_dir if rank == 0 else None,
-                                               save_limit=4)
-    return results
-
-
-def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB CUDA max allocated"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process peak RSS"
-
-
-def benchmark(model, optimizer, args, device, autocast, per_rank: int) -> None:
-    """Median time of a training step on random inputs of the real size, after 3 warm-up steps."""
-    images = torch.randn(per_rank, 3, args.crop_size, args.crop_size, device=device)
-    labels = torch.randint(0, model.config["num_classes"], (per_rank, args.crop_size, args.crop_size), device=device)
-    times = []
-    for i in range(3 + args.bench):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        train_step(model, optimizer, images, labels, autocast)
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    ms = 1000 * float(np.median(times))
-    flags = [name for name, on in (("bf16", device.type == "cuda" and not args.fp32), ("compile", args.compile),
-                                   ("grad-ckpt", args.grad_ckpt)) if on]
-    print(f"bench: {args.method} {args.backbone} patch {args.patch_size}, {args.crop_size}x{args.crop_size}, batch "
-          f"{args.batch_size}, {device}, {'+'.join(flags) or 'fp32'}: {ms:.1f} ms/step, "
-          f"{1000 * args.batch_size / ms:.1f} images/s, peak {peak_memory(device)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-
-def main(args: argparse.Namespace) -> dict:
-    device = evaluation.setup_distributed()
-    rank, world_size = evaluation.world()
-    previous_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return train(args, device, rank, world_size)
-    finally:
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def train(args: argparse.Namespace, device: torch.device, rank: int, world_size: int) -> dict:
-    """The whole run, top to bottom: set-up, resume, the loop with logging, checkpoints and validation."""
-    if args.batch_size % world_size:
-        raise ValueError(f"--batch-size {args.batch_size} is the global batch and must divide among "
-                         f"{world_size} processes")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not args.fp32)
-    if args.bench:
-        model, ddp, optimizer, _ = build(args, device, world_size, num_classes=19)
-        benchmark(ddp, optimizer, args, device, autocast, args.batch_size // world_size)
-        return {}
-
-    train_set, val_sets = datasets(args, rank)  # everything that can fail on user input fails here
-    model, ddp, optimizer, schedule = build(args, device, world_size, num_classes=train_set.num_classes)
-    run = dict(args=json.loads(json.dumps(vars(args), default=str)), iteration=0, epoch=0, position=0)
-    if not resume(args, run, model, optimizer, schedule, rank, world_size):
-        return {}
-    sampler = TrainSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
-    # The loader gets its own generator, so that creating it draws nothing from the global
-    # random state (which the checkpoint restores).
-    loader = torch.utils.data.DataLoader(Augmented(train_set), batch_size=args.batch_size // world_size,
-                                         sampler=sampler, drop_last=True, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-                                         generator=torch.Generator(), worker_init_fn=evaluation.ignore_stop_signals)
-    stop = {"signal": 0}
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-
-    log = Log(args, run["iteration"], rank, world_size, device)
-    stream = batches(loader, sampler, epoch=run["epoch"], position=run["position"])
-    results = {}
-    model.train()
-    while run["iteration"] < args.iters:
-        run["epoch"], run["position"], (images, labels) = next(stream)
-        losses = train_step(ddp, optimizer, images.to(device, non_blocking=True),
-                            labels.to(device, non_blocking=True), autocast)
-        # One small all-reduce per step, so that every rank agrees on a NaN or a signal.
-        flags = torch.tensor([float(not torch.isfinite(losses["loss"])), float(stop["signal"])], device=device)
-        if world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[0]:
-            raise FloatingPointError(f"the loss is {losses['loss'].item()} at iteration {run['iteration'] + 1}: "
-                                     f"training stopped before the update; {args.out / 'last.pt'} keeps the last "
-                                     f"good state")
-        optimizer.step()
-        schedule.step()
-        run["iteration"] += 1
-        log.step(run["iteration"], losses, schedule.get_last_lr()[0])
-        last = run["iteration"] == args.iters
-        if flags[1] or run["iteration"] % args.save_every == 0 or last:
-            save_checkpoint(args, run, model, optimizer, schedule, rank, world_size)
-        if flags[1]:
-            log.close()
-            raise Interrupted(f"stopped by signal {int(flags[1])} at iteration {run['iteration']}: "
-                              f"{args.out / 'last.pt'} written; the same command resumes")
-        if run["iteration"] % args.eval_every == 0 or last:
-            results = validate(model, val_sets, args, device, run["iteration"], rank)
-            log.validation(run["iteration"], results, train_set.classes)
-            model.train()
-    log.close()
-    return results
-
-
-def datasets(args: argparse.Namespace, rank: int) -> tuple:
-    """The training set and the validation sets, checked before anything is created."""
-    if rank == 0:
-        evaluation.check_writable(args.out, "--out")
-    sources = data.parse_data(args.data)
-    if len(sources) != 1:
-        raise ValueError(f"--data {args.data}: one training set, e.g. gta or gta+synthia (',' separates "
-                         f"--val datasets)")
-    name, root = sources[0]
-    train_set = data.build_dataset(name, root, "train", train=True, crop_size=args.crop_size,
-                                   **evaluation.dataset_kwargs(name, "train", vars(args)))
-    val_sets = validation_sets(args, rank)
-    if len(train_set) < args.batch_size:
-        raise ValueError(f"{args.data} has {len(train_set)} training images, fewer than --batch-size "
-                         f"{args.batch_size}")
-    if rank == 0:
-        print(f"{args.preset} preset: {args.method} on {args.backbone}, {args.iters:,} iterations of batch "
-              f"{args.batch_size} at {args.crop_size}x{args.crop_size}, {train_set.num_classes} classes")
-    return train_set, val_sets
-
-
-def build(args: argparse.Namespace, device: torch.device, world_size: int, *, num_classes: int) -> tuple:
-    """The model (the same initial weights on every rank), its DDP wrapper, AdamW and the schedule."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)
-    model = rein.build_model(method=args.method, backbone=args.backbone, weights=args.weights,
-                             num_classes=num_classes, patch_size=args.patch_size, num_queries=args.num_queries,
-                             head_dim=args.head_dim, head_layers=args.head_layers,
-                             encoder_layers=args.encoder_layers, num_points=args.num_points,
-                             grad_ckpt=args.grad_ckpt).to(device)
-    if args.compile:
-        model.backbone.compile()
-        model.head.compile()
-    # DDP sees only the trainable parameters: a frozen ViT never counts as unused.
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else model
-    return model, ddp, *build_optimizer(model, args, device)
-
-
 def resume(args, run: dict, model, optimizer, schedule, rank: int, world_size: int) -> bool:
-    """Exact resume: weights, optimiser, schedule, position in the data and every random state.
-
-    Fills `run` (iteration, epoch, position) from OUT/last.pt or --resume if there is one;
-    a fresh run writes args.json, the record of what it does. False: the run is finished.
-    """
+    """Weights, optimiser, schedule, position in the data and every random state from OUT/last.pt
+    or --resume, into `run` (iteration, epoch, position); a fresh run writes args.json, the
+    record of what it does. False: the run is already finished."""
     path = args.resume or (args.out / "last.pt" if (args.out / "last.pt").exists() else None)
     if path:
         ckpt = load_resume(path, model, run["args"])
@@ -502,9 +404,8 @@ def resume(args, run: dict, model, optimizer, schedule, rank: int, world_size: i
     if path and len(ckpt["rng"]) == world_size:
         set_rng_state(ckpt["rng"][rank])
     else:
-        # Each rank draws its own random points in the loss.
         for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
-            seed_fn(args.seed + rank)
+            seed_fn(args.seed + rank)  # each rank draws its own random points in the loss
     if rank == 0:
         try:
             args.out.mkdir(parents=True, exist_ok=True)
@@ -515,16 +416,13 @@ def resume(args, run: dict, model, optimizer, schedule, rank: int, world_size: i
     return True
 
 
-def save_checkpoint(args, run: dict, model, optimizer, schedule, rank: int, world_size: int) -> None:
-    """OUT/last.pt, written by rank 0 alone and atomically, with every rank's random state."""
-    states = [rng_state()]
-    if world_size > 1:
-        states = [None] * world_size
-        dist.all_gather_object(states, rng_state())
-    if rank == 0:
-        save_atomically(dict(config=model.config, model=model.trainable_state_dict(),
-                             optimizer=optimizer.state_dict(), schedule=schedule.state_dict(), rng=states,
-                             **run), args.out / "last.pt")
+class Interrupted(Exception):
+    """SIGTERM or Ctrl-C stopped training after last.pt was written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging, validation and the benchmark
+# ---------------------------------------------------------------------------------------------
 
 
 class Log:
@@ -566,6 +464,123 @@ class Log:
         self.bar.close()
         if self.file:
             self.file.close()
+
+
+def validate(model, val_sets, args, device, iteration: int, rank: int) -> dict:
+    """Every validation set, with 4 coloured predictions per set saved under OUT/val/ITERATION."""
+    results = {}
+    for ds in val_sets:
+        out_dir = args.out / "val" / f"iter_{iteration:06d}" / evaluation.folder_name(ds.name)
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        results[ds.name] = evaluation.evaluate(model, ds, device=device, window=args.window, stride=args.stride,
+                                               workers=args.workers, save_dir=out_dir if rank == 0 else None,
+                                               save_limit=4)
+    return results
+
+
+def benchmark(model, optimizer, args, device, autocast, per_rank: int) -> None:
+    """Median time of a training step on random inputs of the real size, after 3 warm-up steps."""
+    images = torch.randn(per_rank, 3, args.crop_size, args.crop_size, device=device)
+    labels = torch.randint(0, model.config["num_classes"], (per_rank, args.crop_size, args.crop_size), device=device)
+    times = []
+    for _ in range(3 + args.bench):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        train_step(model, optimizer, images, labels, autocast)
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    ms = 1000 * float(np.median(times[3:]))
+    peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB CUDA max allocated" if device.type == "cuda" \
+        else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB process peak RSS"
+    flags = [name for name, on in (("bf16", device.type == "cuda" and not args.fp32), ("compile", args.compile),
+                                   ("grad-ckpt", args.grad_ckpt)) if on]
+    print(f"bench: {args.method} {args.backbone} patch {args.patch_size}, {args.crop_size}x{args.crop_size}, batch "
+          f"{args.batch_size}, {device}, {'+'.join(flags) or 'fp32'}: {ms:.1f} ms/step, "
+          f"{1000 * args.batch_size / ms:.1f} images/s, peak {peak}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = setup_distributed()
+    rank, world_size = world()
+    previous_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return train(args, device, rank, world_size)
+    finally:
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args: argparse.Namespace, device: torch.device, rank: int, world_size: int) -> dict:
+    """The whole run, top to bottom: set-up, resume, the loop with logging, checkpoints and validation."""
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is the global batch and must divide among "
+                         f"{world_size} processes")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not args.fp32)
+    if args.bench:
+        model, ddp, optimizer, _ = build(args, device, world_size, num_classes=19)
+        benchmark(ddp, optimizer, args, device, autocast, args.batch_size // world_size)
+        return {}
+
+    train_set, val_sets = datasets(args, rank)  # everything that can fail on user input fails here
+    model, ddp, optimizer, schedule = build(args, device, world_size, num_classes=train_set.num_classes)
+    run = dict(args=json.loads(json.dumps(vars(args), default=str)), iteration=0, epoch=0, position=0)
+    if not resume(args, run, model, optimizer, schedule, rank, world_size):
+        return {}
+    sampler = TrainSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
+    # The loader gets its own generator, so that creating it draws nothing from the global
+    # random state (which the checkpoint restores).
+    loader = torch.utils.data.DataLoader(Augmented(train_set), batch_size=args.batch_size // world_size,
+                                         sampler=sampler, drop_last=True, num_workers=args.workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+                                         generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
+    stop = {"signal": 0}
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+
+    log = Log(args, run["iteration"], rank, world_size, device)
+    stream = batches(loader, sampler, epoch=run["epoch"], position=run["position"])
+    results = {}
+    model.train()
+    while run["iteration"] < args.iters:
+        run["epoch"], run["position"], (images, labels) = next(stream)
+        losses = train_step(ddp, optimizer, images.to(device, non_blocking=True),
+                            labels.to(device, non_blocking=True), autocast)
+        # One small all-reduce per step, so that every rank agrees on a NaN or a signal.
+        flags = torch.tensor([float(not torch.isfinite(losses["loss"])), float(stop["signal"])], device=device)
+        if world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0]:
+            raise FloatingPointError(f"the loss is {losses['loss'].item()} at iteration {run['iteration'] + 1}: "
+                                     f"training stopped before the update; {args.out / 'last.pt'} keeps the last "
+                                     f"good state")
+        optimizer.step()
+        schedule.step()
+        run["iteration"] += 1
+        log.step(run["iteration"], losses, schedule.get_last_lr()[0])
+        last = run["iteration"] == args.iters
+        if flags[1] or run["iteration"] % args.save_every == 0 or last:
+            save_checkpoint(args, run, model, optimizer, schedule, rank, world_size)
+        if flags[1]:
+            log.close()
+            raise Interrupted(f"stopped by signal {int(flags[1])} at iteration {run['iteration']}: "
+                              f"{args.out / 'last.pt'} written; the same command resumes")
+        if run["iteration"] % args.eval_every == 0 or last:
+            results = validate(model, val_sets, args, device, run["iteration"], rank)
+            log.validation(run["iteration"], results, train_set.classes)
+            model.train()
+    log.close()
+    return results
 
 
 if __name__ == "__main__":

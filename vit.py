@@ -220,8 +220,6 @@ class VisionTransformer(nn.Module):
     def __init__(self, *, dim: int, depth: int, num_heads: int, ffn: str = "mlp", patch_size: int = 14,
                  num_registers: int = 0, image_size: int = 518, family: str = "dinov2"):
         super().__init__()
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.family, self.patch_size, self.dim = family, patch_size, dim
         v3 = family == "dinov3"
         self.num_registers = 4 if v3 else num_registers
@@ -312,6 +310,17 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
 
+def parse_name(name: str) -> tuple[str, int]:
+    """'vitl14_reg4' -> ('vitl14', 4); 'vitl14' -> ('vitl14', 0); 'dinov3_vitl16' -> ('dinov3_vitl16', 0)."""
+    arch, _, reg = name.partition("_reg")
+    if arch not in ARCHS or reg not in ("", "4") or (reg and ARCHS[arch][0] != "dinov2"):
+        dinov2 = [a for a, spec in ARCHS.items() if spec[0] == "dinov2"]
+        raise ValueError(f"unknown backbone {name!r}; expected one of "
+                         f"{', '.join(a + s for a in dinov2 for s in ('', '_reg4'))} (DINOv2) or "
+                         f"{', '.join(a for a in ARCHS if a not in dinov2)} (DINOv3)")
+    return arch, int(reg or 0)
+
+
 def build_vit(arch: str, patch_size: int = 14, num_registers: int = 0) -> VisionTransformer:
     """Builds one of ARCHS with random weights. DINOv2: the position grid is 518/14 or
     512/patch; `num_registers` 0 or 4. DINOv3: patch 16, always 4 storage tokens."""
@@ -321,9 +330,6 @@ def build_vit(arch: str, patch_size: int = 14, num_registers: int = 0) -> Vision
     if family == "dinov3" and (patch_size, num_registers) != (16, 0):
         raise ValueError(f"{arch} has patch 16 and its own 4 storage tokens; got patch size {patch_size} and "
                          f"{num_registers} registers")
-    if family == "dinov2" and (num_registers not in (0, 4) or patch_size < 1):
-        raise ValueError(f"{arch}: num_registers must be 0 or 4 (the official checkpoints) and the patch size "
-                         f"positive; got {num_registers} and {patch_size}")
     # DINOv2's stored position grid: 37 x 37 at patch 14, else the grid of a 512-pixel crop.
     image_size = 518 if patch_size == 14 else 512 // patch_size * patch_size
     return VisionTransformer(dim=dim, depth=depth, num_heads=heads, ffn=ffn, patch_size=patch_size,
@@ -460,17 +466,17 @@ def main() -> None:
     parser.add_argument("--patch-size", type=int, help="DINOv2 only (default 14); DINOv3 has 16")
     parser.add_argument("--weights", help="path, URL or name of official weights to load and check")
     args = parser.parse_args()
-    arch, _, reg = args.arch.partition("_reg")
-    if arch not in ARCHS or reg not in ("", "4") or (reg and ARCHS[arch][0] != "dinov2"):
-        parser.error(f"unknown arch {args.arch!r}; expected one of {', '.join(ARCHS)} (DINOv2 ones optionally "
-                     f"with _reg4)")
+    try:
+        arch, registers = parse_name(args.arch)
+    except ValueError as e:
+        parser.error(str(e))
     family, dim, depth, heads, ffn = ARCHS[arch]
     patch = args.patch_size if args.patch_size is not None else 14 if family == "dinov2" else 16
     if patch < 1:
         parser.error(f"--patch-size must be a positive number of pixels, got {patch}")
     with torch.device("meta"):
         try:
-            model = build_vit(arch, patch, int(reg or 0))
+            model = build_vit(arch, patch, registers)
         except ValueError as e:
             parser.error(str(e))
     n = sum(p.numel() for p in model.parameters())
