@@ -671,8 +671,9 @@ _TEXTURE = np.array([14, 14, 9, 12, 10, 5, 3, 3, 32, 26, 8, 5, 5, 4, 5, 5, 5, 5,
 # height or a size of 1. A part is (material, x0, x1, h0, h1, power, hole): a superellipse in
 # the box [x0, x1] (lateral) x [h0, h1] (height) in units of the drawn width and height, of
 # the object's class; `material` None means the class's own colour.
+# A person: legs, torso, head.
 BODY = [(None, -.1, .1, 0, .5, 8, 0), (None, -.16, .16, .42, .86, 3, 0), (SKIN, -.07, .07, .84, 1, 2, 0)]
-OBJECTS = {
+OBJECTS = {  # vehicles seen from behind; two-wheelers from the side: two wheels (rings for a bicycle), a frame
     "car": (CAR, (1.1, 1.35), (0.85, 1.15), [(None, -.5, .5, 0, .6, 6, 0), (None, -.42, .42, .5, 1, 4, 0),
                                               (WINDOW, -.34, .34, .62, .93, 6, 0)]),
     "truck": (TRUCK, (1.55, 1.75), (1.9, 2.6), [(None, -.42, .42, 0, .3, 8, 0), (None, -.5, .5, .18, 1, 16, 0)]),
@@ -684,7 +685,7 @@ OBJECTS = {
     "motorcycle": (MOTORCYCLE, None, None, [(None, -.725, -.125, 0, .6, 2, 0), (None, .125, .725, 0, .6, 2, 0),
                                             (None, -.545, .545, .36, .96, 4, 0)]),
 }
-SADDLE = {"bicycle": 0.368, "motorcycle": 0.48}  # where a rider sits
+SADDLE = {"bicycle": 0.368, "motorcycle": 0.48}  # the height a rider sits at
 
 
 class _Canvas:
