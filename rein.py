@@ -369,7 +369,7 @@ def from_official(checkpoint: str | os.PathLike, weights: str | os.PathLike | No
         raise ValueError(f"{weights} is not a DINOv2 state dict: expected keys like cls_token, pos_embed, "
                          f"blocks.0.attn.qkv.weight; found {sorted(dinov2)[:5]}")
     found, backbone = vit.describe(dinov2)
-    depth = len({k.split(".")[1] for k in dinov2 if k.startswith("blocks.")})
+    depth = vit.num_blocks(dinov2)
     tokens = state.get("backbone.reins.learnable_tokens_b")  # (N, r, c): N blocks of width c
     head_width = state["decode_head.pixel_decoder.input_convs.0.conv.weight"].shape[1]
     trained_on = (tokens.shape[0], tokens.shape[2]) if tokens is not None else (depth, head_width)

@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.weights is None and args.preset == "paper":
         args.weights = args.backbone  # a DINOv2 name downloads; a DINOv3 one says where to get the file
     check_numbers(p, args)
-    args.out = args.out or Path("runs") / args.data.split("=")[0].replace(":", "_").replace("+", "_")
+    args.out = args.out or Path("runs") / evaluation.folder_name(args.data.split("=")[0])
     return args
 
 
@@ -263,15 +263,17 @@ def datasets(args: argparse.Namespace, rank: int) -> tuple:
     if len(train_set) < args.batch_size:
         raise ValueError(f"{args.data} has {len(train_set)} training images, fewer than --batch-size "
                          f"{args.batch_size}")
-    candidates = data.parse_data(args.val) if args.val else \
-        [] if "+" in name or source in ("gta", "synthia") else [(name, root)]
-    if not args.val and source in DEFAULT_VAL:
-        candidates += [(target, None) for target, _ in data.parse_data(DEFAULT_VAL[source]) if target != name]
-    if not args.val and source == "folder" and not (Path(root) / "images" / "val").is_dir():
+    if args.val:
+        candidates = data.parse_data(args.val)
+    elif source == "folder" and not (Path(root) / "images" / "val").is_dir():
         candidates = []
         if rank == 0:
             print(f"validation: none, since {root} has no images/val split; training goes on without it "
                   f"(give --val folder=PATH of your validation images to have one)")
+    else:
+        candidates = [] if "+" in name or source in ("gta", "synthia") else [(name, root)]
+        if source in DEFAULT_VAL:
+            candidates += [(target, None) for target, _ in data.parse_data(DEFAULT_VAL[source]) if target != name]
     val_sets = []
     for val_name, val_root in candidates:
         try:

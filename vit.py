@@ -336,11 +336,16 @@ def build_vit(arch: str, patch_size: int = 14, num_registers: int = 0) -> Vision
                              num_registers=num_registers, image_size=image_size, family=family)
 
 
+def num_blocks(state: dict[str, Tensor]) -> int:
+    """The number of transformer blocks in a DINOv2 or DINOv3 state dict."""
+    return len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+
+
 def describe(state: dict[str, Tensor]) -> tuple[str, str]:
     """What a DINOv2 or DINOv3 state dict is: ('DINOv3, width 1024, 24 blocks, 4 storage tokens', 'dinov3_vitl16')."""
     family = "dinov3" if "storage_tokens" in state else "dinov2"
     dim = state["cls_token"].shape[-1]
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    depth = num_blocks(state)
     ffn = "swiglu_fused" if "blocks.0.mlp.w12.weight" in state else "swiglu" if "blocks.0.mlp.w1.weight" in state \
         else "mlp"
     extra = state.get("storage_tokens", state.get("register_tokens"))
