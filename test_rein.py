@@ -845,6 +845,35 @@ def test_batched_assignment_matches_one_by_one():
         assert np.isclose(cost[r, c].sum(), cost[single_rows, single_cols].sum(), rtol=1e-12)
 
 
+def test_matching_minimises_mmdets_cost_on_full_masks():
+    """Each prediction's matching is the cheapest under mmdet's cost, computed here the slow way: the
+    full masks, both masks sampled at match's own random points, BCE and dice per pair, every assignment."""
+    torch.manual_seed(0)
+    L, B, Q, P = 3, 2, 6, 50
+    criterion = SetCriterion(num_classes=4, num_points=P)
+    predictions = [(torch.randn(B, Q, 5), torch.randn(B, Q, 8)) for _ in range(L)]
+    features = torch.randn(B, 8, 12, 10)  # not square: rows and columns cannot be swapped unseen
+    labels = torch.randint(0, 4, (B, 6, 5)).repeat_interleave(4, 1).repeat_interleave(4, 2)  # (B, 24, 20)
+    targets = criterion.targets(labels)
+    rng = torch.get_rng_state()
+    matches = criterion.match(predictions, features, targets)
+    torch.set_rng_state(rng)  # match draws one set of points per image, in image order
+    for b, (classes, masks) in enumerate(targets):
+        points = (torch.rand(L, P, 2) * 2 - 1)[:, None]  # (L, 1, P, 2)
+        for i, (class_logits, embedding) in enumerate(predictions):
+            pred = F.grid_sample(mask_logits(embedding, features)[b:b + 1], points[i:i + 1], align_corners=False)
+            target = F.grid_sample(masks[None], points[i:i + 1], align_corners=False)
+            pred, target = pred[0, :, 0], target[0, :, 0]  # (Q, P), (T, P)
+            pairs = pred[:, None].expand(-1, len(classes), -1), target[None].expand(Q, -1, -1)
+            bce = F.binary_cross_entropy_with_logits(*pairs, reduction="none").mean(-1)  # (Q, T)
+            sig = pred.sigmoid()
+            dice = 1 - (2 * sig @ target.T + 1) / (sig.sum(-1)[:, None] + target.sum(-1)[None] + 1)
+            cost = -2 * class_logits[b].softmax(-1)[:, classes] + 5 * bce + 5 * dice  # (Q, T)
+            best = min(cost[list(q), range(len(classes))].sum()
+                       for q in itertools.permutations(range(Q), len(classes)))
+            assert torch.isclose(cost[matches[b][i], range(len(classes))].sum(), best, atol=1e-5), (b, i)
+
+
 def tiny_head(num_classes: int = 3, **kwargs) -> MaskHead:
     """A small head: width 16, 6 queries, 3 decoder layers, 1 deformable encoder layer."""
     args = dict(in_dim=8, num_queries=6, dim=16, decoder_layers=3, encoder_layers=1, num_heads=2)
