@@ -125,6 +125,16 @@ class WeightedRows(torch.autograd.Function):
         return grad_rows, None, grad_coef
 
 
+def _neighbours(t: Tensor, size: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Coordinates t (..., L, P) in pixels, pixel centres at integers, on levels of `size` (L, 1)
+    pixels -> the two pixels around each, (index, bilinear weight). A pixel outside the
+    level weighs 0 and gets any valid index."""
+    t0 = t.floor()
+    i0 = t0.int()
+    return [(i.clamp(0).minimum(size - 1), weight * ((i >= 0) & (i < size)))
+            for i, weight in ((i0, t0 + 1 - t), (i0 + 1, t - t0))]
+
+
 def sample_levels(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
     """The core of deformable attention: weighted bilinear samples of every level, summed.
 
@@ -144,20 +154,16 @@ def sample_levels(value: Tensor, shapes: list[tuple[int, int]], locations: Tenso
     h = torch.tensor([h for h, _ in shapes], dtype=torch.int32, device=device)[:, None]
     x = locations[..., 0].float() * w - 0.5  # (B, Lq, M, L, P) in pixels of each level, centres at integers
     y = locations[..., 1].float() * h - 0.5
-    x0, y0 = x.floor(), y.floor()
-    # The 2 x 2 pixels around each point, columns x0, x0 + 1 and rows y0, y0 + 1, with their
-    # bilinear weights. A pixel outside the level weighs 0 and gets any valid index.
-    pair = torch.arange(2, dtype=torch.int32, device=device)
-    xs, ys = x0.int()[..., None] + pair, y0.int()[..., None] + pair  # (B, Lq, M, L, P, 2)
-    w, h = w[..., None], h[..., None]  # (L, 1, 1)
-    wx = torch.stack([x0 + 1 - x, x - x0], dim=-1) * ((xs >= 0) & (xs < w))
-    wy = torch.stack([y0 + 1 - y, y - y0], dim=-1) * ((ys >= 0) & (ys < h))
-    coef = weights[..., None, None] * wy[..., :, None] * wx[..., None, :]  # (B, Lq, M, L, P, 2, 2)
+    # The 2 x 2 pixels around each point, rows ys and columns xs, with their bilinear weights.
+    ys, xs = _neighbours(y, h), _neighbours(x, w)
     # Row of `value` of each pixel: image b, head m, the level's first row, then row-major.
     level_start = torch.tensor([0, *itertools.accumulate(h * w for h, w in shapes)][:-1], device=device)
     first = (torch.arange(B, device=device)[:, None] * M + torch.arange(M, device=device)) * Lv  # (B, M)
-    first = (first[:, None, :, None, None, None] + level_start[:, None, None]).int()  # (B, 1, M, L, 1, 1)
-    index = (first + ys.clamp(0).minimum(h - 1) * w)[..., :, None] + xs.clamp(0).minimum(w - 1)[..., None, :]
+    first = (first[:, None, :, None, None] + level_start[:, None]).int()  # (B, 1, M, L, 1)
+    # The 4 pixels stacked last. Products of whole (B, Lq, M, L, P) planes are several times
+    # faster on CPU, forward and backward, than 2 x 2 broadcasts in the last dimensions.
+    index = torch.stack([first + row * w + column for row, _ in ys for column, _ in xs], dim=-1)  # (.., P, 4)
+    coef = torch.stack([weights * wy * wx for _, wy in ys for _, wx in xs], dim=-1)  # (B, Lq, M, L, P, 4)
     rows = value.transpose(1, 2).reshape(B * M * Lv, d)  # (B, Lv, M, d) -> (B*M*Lv, d)
     out = WeightedRows.apply(rows, index.view(B * Lq * M, L * P * 4),
                              coef.reshape(B * Lq * M, L * P * 4).to(rows.dtype))
