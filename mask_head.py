@@ -576,10 +576,10 @@ class SetCriterion(nn.Module):
             prob = torch.stack([c[b] for c, _ in predictions]).softmax(-1)  # (L, Q, K+1)
             points = torch.rand(L, P, 2, device=features.device) * 2 - 1  # one set per prediction
             embedding = torch.stack([e[b] for _, e in predictions])  # (L, Q, C)
-            # The masks, no gradient: (L, h*w, Q) seen as (L, Q, h, w) channels-last, which
-            # grid_sample reads about three times faster on CPU than row-major.
+            # The masks, no gradient, as one product (h*w, L*Q) seen as (L, Q, h, w): channels
+            # last, which grid_sample reads about three times faster on CPU than row-major.
             h, w = features.shape[-2:]
-            pred = (features[b].flatten(1).T @ embedding.transpose(1, 2)).view(L, h, w, -1).permute(0, 3, 1, 2)
+            pred = (features[b].flatten(1).T @ embedding.flatten(0, 1).T).view(h, w, L, -1).permute(2, 3, 0, 1)
             pred = F.grid_sample(pred, points[:, None], align_corners=False)[:, :, 0]  # (L, Q, P)
             target = F.grid_sample(masks[None], points[None], align_corners=False)[0].transpose(0, 1)  # (L, T, P)
             # BCE(x, t) = softplus(x) - x * t, so its mean over the points is one contraction.
