@@ -568,6 +568,7 @@ class SetCriterion(nn.Module):
         CPU together and are solved in one batch.
         """
         L, P = len(predictions), self.num_points
+        h, w = features.shape[-2:]
         matches = []
         for b, (classes, masks) in enumerate(targets):
             if not len(classes):  # no labelled pixel
@@ -578,7 +579,6 @@ class SetCriterion(nn.Module):
             embedding = torch.stack([e[b] for _, e in predictions])  # (L, Q, C)
             # The masks, no gradient, as one product (h*w, L*Q) seen as (L, Q, h, w): channels
             # last, which grid_sample reads about three times faster on CPU than row-major.
-            h, w = features.shape[-2:]
             pred = (features[b].flatten(1).T @ embedding.flatten(0, 1).T).view(h, w, L, -1).permute(2, 3, 0, 1)
             pred = F.grid_sample(pred, points[:, None], align_corners=False)[:, :, 0]  # (L, Q, P)
             target = F.grid_sample(masks[None], points[None], align_corners=False)[0].transpose(0, 1)  # (L, T, P)
