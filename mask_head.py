@@ -93,46 +93,44 @@ class ConvGN(nn.Module):
         return self.gn(x)
 
 
-class WeightedRows(torch.autograd.Function):
-    """out[i] = sum_j coef[i, j] * rows[index[i, j]]: a weighted sum of gathered rows per output row.
+class BilinearRows(torch.autograd.Function):
+    """out[i] = sum_j sum_c coef[i, j, c] * rows[corners[top[i, j], c]]: weighted sums of 2 x 2 blocks of rows.
 
-    index, coef (N, k); rows (R, d) -> (N, d). embedding_bag computes it without
-    materialising the N*k gathered rows. The rows' gradient is the same operation run the
-    other way, the N*k terms grouped by row: on CPU about 3x faster than embedding_bag's own
-    backward.
+    rows (R, d); corners (R, 4): the rows of the 2 x 2 block whose top-left row is r;
+    top (N, k): the top-left rows of k blocks; coef (N, k, 4) -> (N, d). embedding_bag
+    computes it without materialising the N*k*4 gathered rows. The rows' gradient is the
+    same operation run the other way, the terms grouped by top-left row, so that one sort
+    of N*k rows serves all 4 corners; on CPU this beats embedding_bag's own backward.
     """
 
     @staticmethod
-    def forward(ctx, rows: Tensor, index: Tensor, coef: Tensor) -> Tensor:
-        ctx.save_for_backward(rows, index, coef)
-        return F.embedding_bag(index, rows, per_sample_weights=coef, mode="sum")
+    def forward(ctx, rows: Tensor, corners: Tensor, top: Tensor, coef: Tensor) -> Tensor:
+        N = top.shape[0]
+        index = corners[top].view(N, -1)  # (N, k*4)
+        ctx.save_for_backward(rows, corners, top, index, coef)
+        return F.embedding_bag(index, rows, per_sample_weights=coef.view(N, -1), mode="sum")
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor]:
-        rows, index, coef = ctx.saved_tensors
-        # d out[i] / d coef[i, j] = rows[index[i, j]]: embedding_bag's own, fast, backward.
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, Tensor]:
+        rows, corners, top, index, coef = ctx.saved_tensors
+        N, k = top.shape
+        # d out[i] / d coef[i, j, c] = rows[corners[top[i, j], c]]: embedding_bag's own, fast, backward.
         with torch.enable_grad():
-            weights = coef.detach().requires_grad_()
+            weights = coef.detach().view(N, -1).requires_grad_()
             out = F.embedding_bag(index, rows.detach(), per_sample_weights=weights, mode="sum")
             grad_coef, = torch.autograd.grad(out, weights, grad)
-        # d loss / d rows[r] = sum over the (i, j) with index[i, j] == r of coef[i, j] * grad[i].
-        flat = index.flatten()
-        order = torch.sort(flat, stable=True).indices.int()
-        counts = torch.bincount(flat, minlength=rows.shape[0]).int()
+        # d loss / d rows[corners[r, c]] = sum over the (i, j) with top[i, j] == r of coef[i, j, c] * grad[i].
+        top = top.flatten()
+        order = torch.sort(top, stable=True).indices
+        counts = torch.bincount(top, minlength=rows.shape[0]).int()
         offsets = counts.cumsum(0, dtype=torch.int32) - counts
-        source = torch.div(order, index.shape[1], rounding_mode="floor")  # the output row of each term
-        grad_rows = F.embedding_bag(source, grad, offsets, per_sample_weights=coef.flatten()[order], mode="sum")
-        return grad_rows, None, grad_coef
-
-
-def _neighbours(t: Tensor, size: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Coordinates t (..., L, P) in pixels, pixel centres at integers, on levels of `size` (L, 1)
-    pixels -> the two pixels around each, (index, bilinear weight). A pixel outside the
-    level weighs 0 and gets any valid index."""
-    t0 = t.floor()
-    i0 = t0.int()
-    return [(i.clamp(0).minimum(size - 1), weight * ((i >= 0) & (i < size)))
-            for i, weight in ((i0, t0 + 1 - t), (i0 + 1, t - t0))]
+        source = torch.div(order, k, rounding_mode="floor").int()  # the output row of each term
+        coef = coef.view(N * k, 4)[order].T.contiguous()  # (4, N*k) in the sorted order
+        grad_rows = torch.zeros_like(rows)
+        for c in range(4):
+            grad_rows.index_add_(0, corners[:, c].long(), F.embedding_bag(source, grad, offsets,
+                                                                          per_sample_weights=coef[c], mode="sum"))
+        return grad_rows, None, None, grad_coef.view(N, k, 4)
 
 
 def sample_levels(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
@@ -143,30 +141,45 @@ def sample_levels(value: Tensor, shapes: list[tuple[int, int]], locations: Tenso
     [0, 1] of P points per level; weights (B, Lq, M, L, P). Returns (B, Lq, M*d).
 
     Sampling is grid_sample's (bilinear, align_corners=False, zeros outside the map): a point
-    mixes the 4 pixels around it. Folding those 4 bilinear weights into the attention
-    weight turns the whole attention into one weighted sum of 4*L*P rows of `value` per
-    query and head (`WeightedRows`).
+    mixes the 2 x 2 pixels around it. Each level gets a border of zero pixels, so that every
+    point within a pixel of the map has its 4 pixels in the padded level; folding their
+    bilinear weights into the attention weight turns the whole attention into one weighted
+    sum of L*P 2 x 2 blocks of `value` per query and head (`BilinearRows`).
     """
     B, Lv, M, d = value.shape
     _, Lq, _, L, P, _ = locations.shape
     device = value.device
-    w = torch.tensor([w for _, w in shapes], dtype=torch.int32, device=device)[:, None]  # (L, 1)
-    h = torch.tensor([h for h, _ in shapes], dtype=torch.int32, device=device)[:, None]
-    x = locations[..., 0].float() * w - 0.5  # (B, Lq, M, L, P) in pixels of each level, centres at integers
-    y = locations[..., 1].float() * h - 0.5
-    # The 2 x 2 pixels around each point, rows ys and columns xs, with their bilinear weights.
-    ys, xs = _neighbours(y, h), _neighbours(x, w)
-    # Row of `value` of each pixel: image b, head m, the level's first row, then row-major.
-    level_start = torch.tensor([0, *itertools.accumulate(h * w for h, w in shapes)][:-1], device=device)
-    first = (torch.arange(B, device=device)[:, None] * M + torch.arange(M, device=device)) * Lv  # (B, M)
+    levels = value.transpose(1, 2).split([h * w for h, w in shapes], dim=2)  # L x (B, M, h*w, d)
+    padded = [F.pad(v.unflatten(2, size), (0, 0, 1, 1, 1, 1)).flatten(2, 3)  # (B, M, (h+2)*(w+2), d)
+              for v, size in zip(levels, shapes)]
+    rows = torch.cat(padded, dim=2).reshape(-1, d)  # (B*M*Lp, d), Lp = sum (h+2)*(w+2)
+    Lp = len(rows) // (B * M)
+    # The rows of the 2 x 2 block whose top-left pixel is each row; blocks that would leave
+    # their level are never used.
+    step = torch.cat([torch.tensor([0, 1, w + 2, w + 3], device=device).expand((h + 2) * (w + 2), 4)
+                      for h, w in shapes])  # (Lp, 4)
+    corners = (torch.arange(len(rows), device=device)[:, None] + step.repeat(B * M, 1)).clamp(max=len(rows) - 1)
+    # x, y in pixels of the padded level, pixel centres at integers.
+    width = torch.tensor([w for _, w in shapes], dtype=torch.int32, device=device)[:, None]  # (L, 1)
+    height = torch.tensor([h for h, _ in shapes], dtype=torch.int32, device=device)[:, None]
+    x = locations[..., 0].float() * width + 0.5  # (B, Lq, M, L, P)
+    y = locations[..., 1].float() * height + 0.5
+    x0, y0 = x.floor(), y.floor()
+    # A point more than a pixel outside its level samples only zeros.
+    inside = (x0 >= 0) & (x0 <= width) & (y0 >= 0) & (y0 <= height)
+    level_start = torch.tensor([0, *itertools.accumulate((h + 2) * (w + 2) for h, w in shapes)][:-1], device=device)
+    first = (torch.arange(B, device=device)[:, None] * M + torch.arange(M, device=device)) * Lp  # (B, M)
     first = (first[:, None, :, None, None] + level_start[:, None]).int()  # (B, 1, M, L, 1)
-    # The 4 pixels stacked last. Products of whole (B, Lq, M, L, P) planes are several times
-    # faster on CPU, forward and backward, than 2 x 2 broadcasts in the last dimensions.
-    index = torch.stack([first + row * w + column for row, _ in ys for column, _ in xs], dim=-1)  # (.., P, 4)
-    coef = torch.stack([weights * wy * wx for _, wy in ys for _, wx in xs], dim=-1)  # (B, Lq, M, L, P, 4)
-    rows = value.transpose(1, 2).reshape(B * M * Lv, d)  # (B, Lv, M, d) -> (B*M*Lv, d)
-    out = WeightedRows.apply(rows, index.view(B * Lq * M, L * P * 4),
-                             coef.reshape(B * Lq * M, L * P * 4).to(rows.dtype))
+    top = first + y0.int().clamp(0).minimum(height) * (width + 2) + x0.int().clamp(0).minimum(width)
+    # The 4 pixels' weights: the attention weight split between the two rows by y - y0, then
+    # each row's share between its two columns by x - x0.
+    weights = weights * inside
+    bottom = weights * (y - y0)
+    upper = weights - bottom
+    upper_right, bottom_right = upper * (x - x0), bottom * (x - x0)
+    coef = torch.stack([upper - upper_right, upper_right, bottom - bottom_right, bottom_right], dim=-1)
+    out = BilinearRows.apply(rows, corners.int(), top.view(B * Lq * M, L * P),
+                             coef.view(B * Lq * M, L * P, 4).to(rows.dtype))
     return out.view(B, Lq, M * d)
 
 
@@ -535,10 +548,13 @@ class SetCriterion(nn.Module):
             features = mask_features.float()
             matches = self.match(predictions, features, targets)  # per image (L, T): the query of each target
             num_masks, ce_weight_sum = self.normalisers(targets, num_queries=predictions[0][0].shape[1])
+            # One view per image, taken once: the L predictions' gradients then meet in one stack,
+            # not in a zero-filled copy of all the features per image and prediction.
+            per_image = features.unbind(0)
             per_prediction = []
             for i, (class_logits, embedding) in enumerate(predictions):
                 queries = [match[i] for match in matches]  # per image (T,), -1 for an unmatched target
-                loss_mask, loss_dice = self.mask_losses(embedding, features, targets, queries)
+                loss_mask, loss_dice = self.mask_losses(embedding, per_image, targets, queries)
                 per_prediction.append(torch.stack([self.class_loss(class_logits, targets, queries) / ce_weight_sum,
                                                    loss_mask / num_masks, loss_dice / num_masks]))
             loss_ce, loss_mask, loss_dice = torch.stack(per_prediction).sum(0)
@@ -617,16 +633,17 @@ class SetCriterion(nn.Module):
             target[b, query[query >= 0]] = classes[query >= 0]
         return F.cross_entropy(class_logits.flatten(0, 1), target.flatten(), weight=self.ce_weight, reduction="sum")
 
-    def mask_losses(self, embedding: Tensor, features: Tensor, targets: Targets,
+    def mask_losses(self, embedding: Tensor, features: tuple[Tensor, ...], targets: Targets,
                     queries: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Sigmoid BCE and dice of every matched mask on its most uncertain points, summed."""
-        pred = torch.cat([mask_logits(embedding[b, query[query >= 0]][None], features[b:b + 1])[0]
-                          for b, query in enumerate(queries)])  # (n, h, w): the matched masks only
+        """Sigmoid BCE and dice of every matched mask on its most uncertain points, summed.
+        features: per image (C, h, w)."""
+        pred = torch.cat([mask_logits(embedding[b, query[query >= 0]][None], feature[None])[0]
+                          for b, (query, feature) in enumerate(zip(queries, features))])  # (n, h, w): matched only
         target = torch.cat([masks[query >= 0] for (_, masks), query in zip(targets, queries)])  # (n, H, W)
         if not len(pred):
             # No labelled pixel in the batch. DDP needs every parameter in the graph on every
             # step, so return zeros that still depend on the masks.
-            zero = (embedding.sum() + features.sum()) * 0.0
+            zero = (embedding.sum() + sum(feature.sum() for feature in features)) * 0.0
             return zero, zero
         points = self.uncertain_points(pred)  # (n, P, 2)
         x, t = point_sample(pred, points), point_sample(target, points)  # (n, P) each
