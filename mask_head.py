@@ -548,16 +548,10 @@ class SetCriterion(nn.Module):
             features = mask_features.float()
             matches = self.match(predictions, features, targets)  # per image (L, T): the query of each target
             num_masks, ce_weight_sum = self.normalisers(targets, num_queries=predictions[0][0].shape[1])
-            # One view per image, taken once: the L predictions' gradients then meet in one stack,
-            # not in a zero-filled copy of all the features per image and prediction.
-            per_image = features.unbind(0)
-            per_prediction = []
-            for i, (class_logits, embedding) in enumerate(predictions):
-                queries = [match[i] for match in matches]  # per image (T,), -1 for an unmatched target
-                loss_mask, loss_dice = self.mask_losses(embedding, per_image, targets, queries)
-                per_prediction.append(torch.stack([self.class_loss(class_logits, targets, queries) / ce_weight_sum,
-                                                   loss_mask / num_masks, loss_dice / num_masks]))
-            loss_ce, loss_mask, loss_dice = torch.stack(per_prediction).sum(0)
+            loss_ce = sum(self.class_loss(class_logits, targets, [match[i] for match in matches])
+                          for i, (class_logits, _) in enumerate(predictions)) / ce_weight_sum
+            loss_mask, loss_dice = self.mask_losses([e for _, e in predictions], features, targets, matches)
+            loss_mask, loss_dice = loss_mask / num_masks, loss_dice / num_masks
         loss = self.class_weight * loss_ce + self.mask_weight * loss_mask + self.dice_weight * loss_dice
         return {"loss": loss, "loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice}
 
@@ -633,24 +627,35 @@ class SetCriterion(nn.Module):
             target[b, query[query >= 0]] = classes[query >= 0]
         return F.cross_entropy(class_logits.flatten(0, 1), target.flatten(), weight=self.ce_weight, reduction="sum")
 
-    def mask_losses(self, embedding: Tensor, features: tuple[Tensor, ...], targets: Targets,
-                    queries: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Sigmoid BCE and dice of every matched mask on its most uncertain points, summed.
-        features: per image (C, h, w)."""
-        pred = torch.cat([mask_logits(embedding[b, query[query >= 0]][None], feature[None])[0]
-                          for b, (query, feature) in enumerate(zip(queries, features))])  # (n, h, w): matched only
-        target = torch.cat([masks[query >= 0] for (_, masks), query in zip(targets, queries)])  # (n, H, W)
-        if not len(pred):
+    def mask_losses(self, embeddings: list[Tensor], features: Tensor, targets: Targets,
+                    matches: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Sigmoid BCE and dice of every prediction's matched masks on their most uncertain points, summed.
+
+        embeddings: L x (B, Q, C); features (B, C, h, w); matches: per image (L, T) from `match`.
+        """
+        if not any((match >= 0).any() for match in matches):
             # No labelled pixel in the batch. DDP needs every parameter in the graph on every
             # step, so return zeros that still depend on the masks.
-            zero = (embedding.sum() + sum(feature.sum() for feature in features)) * 0.0
+            zero = (sum(e.sum() for e in embeddings) + features.sum()) * 0.0
             return zero, zero
-        points = self.uncertain_points(pred)  # (n, P, 2)
-        x, t = point_sample(pred, points), point_sample(target, points)  # (n, P) each
-        loss_mask = F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1).sum()
-        sig = x.sigmoid()
-        loss_dice = (1 - (2 * (sig * t).sum(1) + 1) / (sig.sum(1) + t.sum(1) + 1)).sum()
-        return loss_mask, loss_dice
+        per_image = []  # per image: L x (that prediction's matched masks (n, h, w))
+        for b, (match, feature) in enumerate(zip(matches, features.unbind(0))):
+            matched = match >= 0  # (L, T)
+            prediction, target = matched.nonzero(as_tuple=True)  # prediction by prediction
+            embedding = torch.stack([e[b] for e in embeddings])[prediction, match[prediction, target]]  # (n, C)
+            # All predictions' masks of an image in one product: one GEMM instead of L thin ones.
+            masks = mask_logits(embedding[None], feature[None])[0]  # (n, h, w)
+            per_image.append(masks.split(matched.sum(1).tolist()))
+        loss_mask, loss_dice = [], []
+        for i in range(len(embeddings)):  # every prediction matches the same number of masks, at least one
+            pred = torch.cat([masks[i] for masks in per_image])  # (n, h, w)
+            target = torch.cat([masks[match[i] >= 0] for (_, masks), match in zip(targets, matches)])  # (n, H, W)
+            points = self.uncertain_points(pred)  # (n, P, 2)
+            x, t = point_sample(pred, points), point_sample(target, points)  # (n, P) each
+            loss_mask.append(F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1).sum())
+            sig = x.sigmoid()
+            loss_dice.append((1 - (2 * (sig * t).sum(1) + 1) / (sig.sum(1) + t.sum(1) + 1)).sum())
+        return torch.stack(loss_mask).sum(), torch.stack(loss_dice).sum()
 
     @torch.no_grad()
     def uncertain_points(self, masks: Tensor) -> Tensor:
