@@ -591,7 +591,8 @@ class SetCriterion(nn.Module):
             # last, which grid_sample reads about three times faster on CPU than row-major.
             pred = (features[b].flatten(1).T @ embedding.flatten(0, 1).T).view(h, w, L, -1).permute(2, 3, 0, 1)
             pred = F.grid_sample(pred, points[:, None], align_corners=False)[:, :, 0]  # (L, Q, P)
-            target = F.grid_sample(masks[None], points[None], align_corners=False)[0].transpose(0, 1)  # (L, T, P)
+            target = F.grid_sample(masks[None].contiguous(memory_format=torch.channels_last), points[None],
+                                   align_corners=False)[0].transpose(0, 1)  # (L, T, P), read channels last too
             # BCE(x, t) = softplus(x) - x * t, so its mean over the points is one contraction.
             cost_mask = (F.softplus(pred).sum(-1, keepdim=True) - torch.einsum("lqp,ltp->lqt", pred, target)) / P
             sig = pred.sigmoid()
@@ -649,9 +650,15 @@ class SetCriterion(nn.Module):
         loss_mask, loss_dice = [], []
         for i in range(len(embeddings)):  # every prediction matches the same number of masks, at least one
             pred = torch.cat([masks[i] for masks in per_image])  # (n, h, w)
-            target = torch.cat([masks[match[i] >= 0] for (_, masks), match in zip(targets, matches)])  # (n, H, W)
             points = self.uncertain_points(pred)  # (n, P, 2)
-            x, t = point_sample(pred, points), point_sample(target, points)  # (n, P) each
+            x, t = point_sample(pred, points), []  # (n, P)
+            for (_, masks), match, p in zip(targets, matches, points.split([len(m[i]) for m in per_image])):
+                # Every target of the image sampled where its matched mask is: no copy of the masks.
+                matched = match[i] >= 0  # (T,)
+                grid = p.new_zeros(len(masks), *p.shape[1:])
+                grid[matched] = p
+                t.append(point_sample(masks, grid)[matched])
+            t = torch.cat(t)  # (n, P)
             loss_mask.append(F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1).sum())
             sig = x.sigmoid()
             loss_dice.append((1 - (2 * (sig * t).sum(1) + 1) / (sig.sum(1) + t.sum(1) + 1)).sum())
@@ -667,7 +674,8 @@ class SetCriterion(nn.Module):
         N, P = masks.shape[0], self.num_points
         candidates = torch.rand(N, int(P * self.oversample_ratio), 2, device=masks.device) * 2 - 1
         certainty = point_sample(masks, candidates).abs()  # (N, kP)
-        index = certainty.topk(int(P * self.importance_ratio), dim=1, largest=False).indices
+        # Which points, not their order: an unsorted topk is twice as fast on CPU.
+        index = certainty.topk(int(P * self.importance_ratio), dim=1, largest=False, sorted=False).indices
         uncertain = candidates.gather(1, index[..., None].expand(-1, -1, 2))
         random = torch.rand(N, P - index.shape[1], 2, device=masks.device) * 2 - 1
         return torch.cat([uncertain, random], 1)

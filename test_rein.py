@@ -39,8 +39,8 @@ from data import (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, MEAN, STD, SYNTHETIC_D
                   choose_crop, palette_for, colorize, hsv_to_rgb, label_lut, parse_data, photometric_distortion,
                   random_resize_crop_flip, rgb_to_hsv, to_test_tensor)
 from mask_head import (DecoderLayer, DeformableAttention, MaskHead, SetCriterion, attention_mask,
-                       linear_sum_assignment_batch,
-                       mask_logits, sample_levels, semantic_inference, sine_position)
+                       linear_sum_assignment_batch, mask_logits, point_sample, sample_levels, semantic_inference,
+                       sine_position)
 
 
 def free_port() -> int:
@@ -1186,6 +1186,38 @@ class LargestTensor(TorchFunctionMode):
             if isinstance(t, torch.Tensor):
                 self.numel = max(self.numel, t.numel())
         return out
+
+
+def test_mask_losses_equal_the_plain_form_also_with_more_classes_than_queries():
+    """The set loss makes an image's matched masks of all predictions in one product and samples the
+    targets in place. The plain form, per prediction (its matched masks and a copy of the matched
+    targets, sampled at the same random points), gives the same losses; here image 0 has 5 classes
+    for 3 queries, so some targets go unmatched."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, 5, (2, 64, 64))
+    labels[1] = 255  # ignored, but for one class
+    labels[1, :10] = 3
+    L, Q, C = 3, 3, 16
+    embeddings = [torch.randn(2, Q, C) for _ in range(L)]
+    features = torch.randn(2, C, 16, 16)
+    criterion = SetCriterion(num_classes=5, num_points=32)
+    targets = criterion.targets(labels)
+    matches = criterion.match([(torch.randn(2, Q, 6), e) for e in embeddings], features, targets)
+    assert [tuple(m.shape) for m in matches] == [(L, 5), (L, 1)]
+    assert all((m >= 0).sum(1).tolist() == [min(m.shape[1], Q)] * L for m in matches)
+    torch.manual_seed(1)
+    ours = criterion.mask_losses(embeddings, features, targets, matches)
+    torch.manual_seed(1)
+    bce = dice = 0.0
+    for i, embedding in enumerate(embeddings):
+        pred = torch.cat([mask_logits(embedding[b, m[i][m[i] >= 0]][None], features[b:b + 1])[0]
+                          for b, m in enumerate(matches)])
+        target = torch.cat([masks[m[i] >= 0] for (_, masks), m in zip(targets, matches)])
+        points = criterion.uncertain_points(pred)
+        x, t = point_sample(pred, points), point_sample(target, points)
+        bce = bce + F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1).sum()
+        dice = dice + (1 - (2 * (x.sigmoid() * t).sum(1) + 1) / (x.sigmoid().sum(1) + t.sum(1) + 1)).sum()
+    assert torch.allclose(ours[0], bce) and torch.allclose(ours[1], dice)
 
 
 def test_loss_never_builds_full_resolution_masks_for_all_queries():
