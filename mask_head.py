@@ -146,7 +146,7 @@ def sample_levels(value: Tensor, shapes: list[tuple[int, int]], locations: Tenso
     bilinear weights into the attention weight turns the whole attention into one weighted
     sum of L*P 2 x 2 blocks of `value` per query and head (`BilinearRows`).
     """
-    B, Lv, M, d = value.shape
+    B, _, M, d = value.shape
     _, Lq, _, L, P, _ = locations.shape
     device = value.device
     levels = value.transpose(1, 2).split([h * w for h, w in shapes], dim=2)  # L x (B, M, h*w, d)
@@ -639,20 +639,20 @@ class SetCriterion(nn.Module):
             # step, so return zeros that still depend on the masks.
             zero = (sum(e.sum() for e in embeddings) + features.sum()) * 0.0
             return zero, zero
-        per_image = []  # per image: L x (that prediction's matched masks (n, h, w))
+        per_image = []  # per image, L x (n, h, w): each prediction's matched masks
         for b, (match, feature) in enumerate(zip(matches, features.unbind(0))):
             matched = match >= 0  # (L, T)
             prediction, target = matched.nonzero(as_tuple=True)  # prediction by prediction
             embedding = torch.stack([e[b] for e in embeddings])[prediction, match[prediction, target]]  # (n, C)
             # All predictions' masks of an image in one product: one GEMM instead of L thin ones.
-            masks = mask_logits(embedding[None], feature[None])[0]  # (n, h, w)
-            per_image.append(masks.split(matched.sum(1).tolist()))
+            pred = mask_logits(embedding[None], feature[None])[0]  # (n, h, w)
+            per_image.append(pred.split(matched.sum(1).tolist()))
         loss_mask, loss_dice = [], []
         for i in range(len(embeddings)):  # every prediction matches the same number of masks, at least one
-            pred = torch.cat([masks[i] for masks in per_image])  # (n, h, w)
+            pred = torch.cat([image[i] for image in per_image])  # (n, h, w)
             points = self.uncertain_points(pred)  # (n, P, 2)
             x, t = point_sample(pred, points), []  # (n, P)
-            for (_, masks), match, p in zip(targets, matches, points.split([len(m[i]) for m in per_image])):
+            for (_, masks), match, p in zip(targets, matches, points.split([len(image[i]) for image in per_image])):
                 # Every target of the image sampled where its matched mask is: no copy of the masks.
                 matched = match[i] >= 0  # (T,)
                 grid = p.new_zeros(len(masks), *p.shape[1:])
