@@ -152,12 +152,12 @@ def sample_levels(value: Tensor, shapes: list[tuple[int, int]], locations: Tenso
     levels = value.transpose(1, 2).split([h * w for h, w in shapes], dim=2)  # L x (B, M, h*w, d)
     padded = [F.pad(v.unflatten(2, size), (0, 0, 1, 1, 1, 1)).flatten(2, 3)  # (B, M, (h+2)*(w+2), d)
               for v, size in zip(levels, shapes)]
-    rows = torch.cat(padded, dim=2).reshape(-1, d)  # (B*M*Lp, d), Lp = sum (h+2)*(w+2)
-    Lp = len(rows) // (B * M)
+    rows = torch.cat(padded, dim=2).reshape(-1, d)  # (B*M*Lp, d)
+    sizes = [(h + 2) * (w + 2) for h, w in shapes]  # rows of each padded level; Lp = sum(sizes)
     # The rows of the 2 x 2 block whose top-left pixel is each row; blocks that would leave
     # their level are never used.
-    step = torch.cat([torch.tensor([0, 1, w + 2, w + 3], device=device).expand((h + 2) * (w + 2), 4)
-                      for h, w in shapes])  # (Lp, 4)
+    step = torch.cat([torch.tensor([0, 1, w + 2, w + 3], device=device).expand(size, 4)
+                      for (_, w), size in zip(shapes, sizes)])  # (Lp, 4)
     corners = (torch.arange(len(rows), device=device)[:, None] + step.repeat(B * M, 1)).clamp(max=len(rows) - 1)
     # x, y in pixels of the padded level, pixel centres at integers.
     width = torch.tensor([w for _, w in shapes], dtype=torch.int32, device=device)[:, None]  # (L, 1)
@@ -167,8 +167,8 @@ def sample_levels(value: Tensor, shapes: list[tuple[int, int]], locations: Tenso
     x0, y0 = x.floor(), y.floor()
     # A point more than a pixel outside its level samples only zeros.
     inside = (x0 >= 0) & (x0 <= width) & (y0 >= 0) & (y0 <= height)
-    level_start = torch.tensor([0, *itertools.accumulate((h + 2) * (w + 2) for h, w in shapes)][:-1], device=device)
-    first = (torch.arange(B, device=device)[:, None] * M + torch.arange(M, device=device)) * Lp  # (B, M)
+    level_start = torch.tensor([0, *itertools.accumulate(sizes)][:-1], device=device)
+    first = (torch.arange(B, device=device)[:, None] * M + torch.arange(M, device=device)) * sum(sizes)  # (B, M)
     first = (first[:, None, :, None, None] + level_start[:, None]).int()  # (B, 1, M, L, 1)
     top = first + y0.int().clamp(0).minimum(height) * (width + 2) + x0.int().clamp(0).minimum(width)
     # The 4 pixels' weights: the attention weight split between the two rows by y - y0, then
