@@ -31,6 +31,7 @@ import resource
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -592,3 +593,9 @@ if __name__ == "__main__":
         sys.exit(str(e))  # exit status 1: `train.py && eval.py` must not evaluate a half-trained model
     except (FileNotFoundError, ValueError, PermissionError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except Exception:
+        # Printed here rather than by Python, which would keep the traceback, and with it the
+        # loader's workers, alive until its exit; the exit stops them with a SIGTERM that they
+        # ignore (ignore_stop_signals) and would wait for them forever, on a CUDA error say.
+        traceback.print_exc()
+        sys.exit(1)
