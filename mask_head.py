@@ -140,11 +140,32 @@ def sample_levels(value: Tensor, shapes: list[tuple[int, int]], locations: Tenso
     after another; shapes: (h, w) of each level; locations (B, Lq, M, L, P, 2): (x, y) in
     [0, 1] of P points per level; weights (B, Lq, M, L, P). Returns (B, Lq, M*d).
 
-    Sampling is grid_sample's (bilinear, align_corners=False, zeros outside the map): a point
-    mixes the 2 x 2 pixels around it. Each level gets a border of zero pixels, so that every
-    point within a pixel of the map has its 4 pixels in the padded level; folding their
-    bilinear weights into the attention weight turns the whole attention into one weighted
-    sum of L*P 2 x 2 blocks of `value` per query and head (`BilinearRows`).
+    One grid_sample per level (bilinear, align_corners=False, zeros outside the map), as
+    mmcv's PyTorch path computes it. On CUDA grid_sample's own kernel makes this the fastest
+    form; on CPU `sample_levels_by_blocks` gives the same sums about twice as fast.
+    """
+    B, _, M, d = value.shape
+    _, Lq, _, L, P, _ = locations.shape
+    levels = value.split([h * w for h, w in shapes], dim=1)  # L x (B, h*w, M, d)
+    sampled = []
+    for level, (h, w) in enumerate(shapes):
+        maps = levels[level].permute(0, 2, 3, 1).reshape(B * M, d, h, w)  # (B*M, d, h, w)
+        grid = locations[:, :, :, level].transpose(1, 2).flatten(0, 1) * 2 - 1  # (B*M, Lq, P, 2) in [-1, 1]
+        sampled.append(F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+    sampled = torch.stack(sampled, dim=-2).flatten(-2)  # (B*M, d, Lq, L*P)
+    attention = weights.transpose(1, 2).reshape(B * M, 1, Lq, L * P)
+    return (sampled * attention).sum(-1).view(B, M * d, Lq).transpose(1, 2)  # (B, Lq, M*d)
+
+
+def sample_levels_by_blocks(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor,
+                            weights: Tensor) -> Tensor:
+    """`sample_levels` as one weighted sum of 2 x 2 blocks of rows per query and head: on CPU
+    about twice as fast as one grid_sample per level. Same arguments and result.
+
+    A point mixes the 2 x 2 pixels around it. Each level gets a border of zero pixels, so
+    that every point within a pixel of the map has its 4 pixels in the padded level; folding
+    their bilinear weights into the attention weight turns the whole attention into one
+    weighted sum of L*P 2 x 2 blocks of `value` per query and head (`BilinearRows`).
     """
     B, _, M, d = value.shape
     _, Lq, _, L, P, _ = locations.shape
@@ -224,7 +245,8 @@ class DeformableAttention(nn.Module):
         size = torch.tensor([(w, h) for h, w in shapes], device=query.device)  # (L, 2)
         # The same reference point on every level; an offset of one pixel is 1/w (or 1/h) there.
         locations = reference[:, None, None, None, :] + offsets / size[:, None]  # (B, Lq, M, L, P, 2)
-        return self.output_proj(sample_levels(value, shapes, locations, weights))
+        sample = sample_levels if value.is_cuda else sample_levels_by_blocks
+        return self.output_proj(sample(value, shapes, locations, weights))
 
 
 class EncoderLayer(nn.Module):

@@ -2,8 +2,9 @@
 
 Nothing here downloads: checkpoints, datasets and runs are created in pytest's tmp_path.
 Sections follow the files in the order README.md lists them: vit.py, rein.py, mask_head.py,
-data.py, eval.py, train.py. `python test_rein.py` runs the benchmark at the end instead: the
-deformable attention against mmcv's one-grid_sample-per-level path, and the matching.
+data.py, eval.py, train.py. Tests named test_cuda_* need a GPU; the others run on the CPU
+everywhere. `python test_rein.py` runs the benchmark at the end instead: the deformable
+attention's two forms (one grid_sample per level, 2 x 2 blocks), and the matching.
 """
 
 import colorsys
@@ -39,8 +40,20 @@ from data import (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, MEAN, STD, SYNTHETIC_D
                   choose_crop, palette_for, colorize, hsv_to_rgb, label_lut, parse_data, photometric_distortion,
                   random_resize_crop_flip, rgb_to_hsv, to_test_tensor)
 from mask_head import (DecoderLayer, DeformableAttention, MaskHead, SetCriterion, attention_mask,
-                       linear_sum_assignment_batch, mask_logits, point_sample, sample_levels, semantic_inference,
-                       sine_position)
+                       linear_sum_assignment_batch, mask_logits, point_sample, sample_levels, sample_levels_by_blocks,
+                       semantic_inference, sine_position)
+
+
+# The GPU path: tests named test_cuda_* run wherever CUDA is, and are skipped elsewhere (CI has no
+# GPU). Every other test holds the CPU path, also on a machine with a GPU.
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_a_cuda_test(request, monkeypatch):
+    if not request.node.name.startswith("test_cuda_"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # for the processes a test starts
 
 
 def free_port() -> int:
@@ -604,6 +617,29 @@ def test_rein_gradient_checkpointing_changes_nothing_but_memory():
     assert calls[0] == 12 and calls[1] >= 23  # with checkpointing the blocks run again in the backward pass
 
 
+@cuda
+def test_cuda_segmenter_gives_the_cpu_scores_in_fp32_and_close_ones_in_bf16():
+    """The whole model on CUDA: in fp32 (TF32 off) the CPU's scores to float tolerance; under bf16
+    autocast, the training precision, close to them."""
+    model = small_model().eval()
+    images = torch.randn(2, 3, 64, 64)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with torch.no_grad():
+        cpu = model.predict(images)
+        model.cuda()
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            fp32 = model.predict(images.cuda()).cpu()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = model.predict(images.cuda()).float().cpu()
+    print(f"max |fp32 - cpu| {(fp32 - cpu).abs().max():.2e}, max |bf16 - cpu| {(bf16 - cpu).abs().max():.2e}, "
+          f"max |cpu| {cpu.abs().max():.2f}")
+    assert torch.allclose(fp32, cpu, rtol=1e-4, atol=1e-5)
+    assert (bf16 - cpu).abs().max() < 0.05 * cpu.abs().max()  # bf16 keeps 8 bits: about 1% here
+
+
 def test_rein_checkpoint_holds_only_what_trains(tmp_path):
     """rein: the trainable state is Rein + head; it round-trips strictly; full adds the ViT."""
     model = small_model()
@@ -937,26 +973,9 @@ def deformable_reference(value, shapes, locations, weights):
     return out.view(B, Lq, M * d)
 
 
-def deformable_attention_per_level(value: torch.Tensor, shapes: list[tuple[int, int]], locations: torch.Tensor,
-                                   weights: torch.Tensor) -> torch.Tensor:
-    """`sample_levels` the way mmcv's PyTorch path computes it: one grid_sample per level.
-    The reference of the test below and of `python test_rein.py`; same arguments and result."""
-    B, Lv, M, d = value.shape
-    _, Lq, _, L, P, _ = locations.shape
-    per_level = value.split([h * w for h, w in shapes], dim=1)
-    sampled = []
-    for level, (h, w) in enumerate(shapes):
-        maps = per_level[level].permute(0, 2, 3, 1).reshape(B * M, d, h, w)  # (B*M, d, h, w)
-        grid = locations[:, :, :, level].transpose(1, 2).flatten(0, 1) * 2 - 1  # (B*M, Lq, P, 2)
-        sampled.append(F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-    sampled = torch.stack(sampled, dim=-2).flatten(-2)  # (B*M, d, Lq, L*P)
-    attention = weights.transpose(1, 2).reshape(B * M, 1, Lq, L * P)
-    return (sampled * attention).sum(-1).view(B, M * d, Lq).transpose(1, 2)  # (B, Lq, M*d)
-
-
-def test_deformable_sampling_equals_a_per_point_reference_and_the_per_level_path():
-    """sample_levels equals a slow per-point reference and mmcv's one-grid_sample-per-level path,
-    values and gradients, with points inside, on the border and outside the maps."""
+def test_deformable_sampling_equals_a_per_point_reference_in_both_forms():
+    """sample_levels (one grid_sample per level) and sample_levels_by_blocks equal a slow per-point
+    reference, values and gradients, with points inside, on the border and outside the maps."""
     torch.manual_seed(0)
     shapes = [(2, 3), (3, 5), (4, 2)]
     B, M, d, P = 2, 2, 3, 2
@@ -964,12 +983,39 @@ def test_deformable_sampling_equals_a_per_point_reference_and_the_per_level_path
     value = torch.randn(B, Lv, M, d, requires_grad=True)
     locations = (torch.rand(B, 4, M, 3, P, 2) * 1.6 - 0.3).requires_grad_()
     weights = torch.rand(B, 4, M, 3, P, requires_grad=True)
-    ours = sample_levels(value, shapes, locations, weights)
-    assert torch.allclose(ours.double(), deformable_reference(value, shapes, locations, weights), atol=1e-5)
-    per_level = deformable_attention_per_level(value, shapes, locations, weights)
-    assert torch.allclose(ours, per_level, atol=1e-5)
-    grads = [torch.autograd.grad(out.square().sum(), (value, locations, weights)) for out in (ours, per_level)]
+    per_level = sample_levels(value, shapes, locations, weights)
+    assert torch.allclose(per_level.double(), deformable_reference(value, shapes, locations, weights), atol=1e-5)
+    blocks = sample_levels_by_blocks(value, shapes, locations, weights)
+    assert torch.allclose(blocks, per_level, atol=1e-5)
+    grads = [torch.autograd.grad(out.square().sum(), (value, locations, weights)) for out in (blocks, per_level)]
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads))
+
+
+@cuda
+def test_cuda_deformable_sampling_equals_cpu():
+    """On CUDA both forms of the sampling give the CPU's values and gradients; under bf16 autocast,
+    as in training, sample_levels gives them to bf16 rounding."""
+    torch.manual_seed(0)
+    shapes = [(8, 8), (16, 12), (32, 32)]
+    B, Lq, M, d, P = 2, 300, 4, 8, 4
+    inputs = (torch.randn(B, sum(h * w for h, w in shapes), M, d), torch.rand(B, Lq, M, 3, P, 2) * 1.2 - 0.1,
+              torch.rand(B, Lq, M, 3, P))
+
+    def run(sample, device: str, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+        value = inputs[0].to(device, dtype).requires_grad_()
+        locations, weights = (t.to(device).requires_grad_() for t in inputs[1:])
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = sample(value, shapes, locations, weights)
+        grads = torch.autograd.grad(out.float().square().sum(), (value, locations, weights))
+        return [t.float().cpu() for t in (out, *grads)]
+
+    def close(ours: list[torch.Tensor], expected: list[torch.Tensor], tolerance: float) -> bool:
+        """Each tensor within `tolerance` of the expected one, relative to its largest entry."""
+        return all(torch.allclose(a, b, rtol=0, atol=tolerance * b.abs().max().item()) for a, b in zip(ours, expected))
+
+    cpu = run(sample_levels_by_blocks, "cpu")
+    assert close(run(sample_levels, "cuda"), cpu, 1e-5) and close(run(sample_levels_by_blocks, "cuda"), cpu, 1e-5)
+    assert close(run(sample_levels, "cuda", torch.bfloat16), cpu, 0.02)
 
 
 def test_deformable_attention_layout_is_mmcvs():
@@ -2102,6 +2148,36 @@ def test_train_ddp_on_two_processes_equals_one_process(tmp_path, monkeypatch):
                 assert torch.equal(two[key][name], other_rank[key][name]), (key, name)
 
 
+@cuda
+def test_cuda_training_under_torchrun_then_evaluation(tmp_path):
+    """The GPU path end to end: torchrun with NCCL, bf16 autocast, fused AdamW, pinned memory and a
+    loader worker for three steps, then eval.py on the checkpoint."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master-port",
+                           str(free_port()), "train.py", *TINY_RUN, "--workers", "1", "--iters", "3", "--out",
+                           str(out)], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = logged_losses(out)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    results = evaluation.main(evaluation.parse_args(["--ckpt", str(out / "last.pt"), "--data", "synthetic:night",
+                                                     "--workers", "1"]))
+    assert 0 <= results["synthetic:night"]["miou"] <= 1
+
+
+def test_train_that_fails_with_a_loader_worker_exits(tmp_path):
+    """An unexpected error mid-run (a CUDA one, say) with a loader worker ends train.py with status 1
+    and the traceback, instead of an exit that waits forever for the worker, which ignores SIGTERM."""
+    runner = ("import runpy, sys\nimport rein\n"
+              "def fail(*args): raise RuntimeError('simulated CUDA error')\n"
+              "rein.Segmenter.forward = fail\n"
+              "sys.argv = sys.argv[1:]\n"
+              "runpy.run_path('train.py', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", runner, "train.py", *TINY_RUN, "--workers", "1", "--iters", "4",
+                           "--out", str(tmp_path / "run")], cwd=Path(__file__).parent, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and "RuntimeError: simulated CUDA error" in proc.stderr, proc.stderr
+
+
 def test_train_sampler_splits_the_global_batch_across_ranks():
     """Ranks' shares of each step are the single process's batch, with the same augmentation seeds."""
     dataset = list(range(23))
@@ -2259,8 +2335,8 @@ def test_failed_start_leaves_no_folder(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def benchmark(repeats: int = 5) -> None:
-    """Deformable attention of the paper's pixel decoder (512 x 512 crops, batch 2), ours
-    against one grid_sample per level, forward and backward; then one training step's matching."""
+    """Deformable attention of the paper's pixel decoder (512 x 512 crops, batch 2) in its two
+    forms, forward and backward; then one training step's matching."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -2283,10 +2359,10 @@ def benchmark(repeats: int = 5) -> None:
     weights = torch.rand(B, Lq, M, len(shapes), P, device=device, requires_grad=True)
     print(f"deformable attention, {Lq} queries x {M} heads x {len(shapes)} levels x {P} points, batch {B}, "
           f"{device}, {torch.get_num_threads()} threads, best of {repeats}:")
-    for name, fn in (("one grid_sample per level", deformable_attention_per_level), ("sample_levels", sample_levels)):
+    for name, fn in (("sample_levels (grid_sample)", sample_levels), ("sample_levels_by_blocks", sample_levels_by_blocks)):
         forward = best_ms(lambda: fn(value, shapes, locations, weights))
         both = best_ms(lambda: fn(value, shapes, locations, weights).square().sum().backward())
-        print(f"  {name:26s} forward {forward:8.1f} ms, backward {both - forward:8.1f} ms")
+        print(f"  {name:28s} forward {forward:8.1f} ms, backward {both - forward:8.1f} ms")
 
     B, L, Q, K = 4, 10, 100, 19
     criterion = SetCriterion(num_classes=K).to(device)
