@@ -105,19 +105,18 @@ class BilinearRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: Tensor, corners: Tensor, top: Tensor, coef: Tensor) -> Tensor:
+        ctx.save_for_backward(rows, corners, top, coef)  # not the 4x larger index: recomputed
         N = top.shape[0]
-        index = corners[top].view(N, -1)  # (N, k*4)
-        ctx.save_for_backward(rows, corners, top, index, coef)
-        return F.embedding_bag(index, rows, per_sample_weights=coef.view(N, -1), mode="sum")
+        return F.embedding_bag(corners[top].view(N, -1), rows, per_sample_weights=coef.view(N, -1), mode="sum")
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, Tensor]:
-        rows, corners, top, index, coef = ctx.saved_tensors
+        rows, corners, top, coef = ctx.saved_tensors
         N, k = top.shape
         # d out[i] / d coef[i, j, c] = rows[corners[top[i, j], c]]: embedding_bag's own, fast, backward.
         with torch.enable_grad():
             weights = coef.detach().view(N, -1).requires_grad_()
-            out = F.embedding_bag(index, rows.detach(), per_sample_weights=weights, mode="sum")
+            out = F.embedding_bag(corners[top].view(N, -1), rows.detach(), per_sample_weights=weights, mode="sum")
             grad_coef, = torch.autograd.grad(out, weights, grad)
         # d loss / d rows[corners[r, c]] = sum over the (i, j) with top[i, j] == r of coef[i, j, c] * grad[i].
         top = top.flatten()
