@@ -163,8 +163,8 @@ def sample_levels(value: Tensor, shapes: list[tuple[int, int]], locations: Tenso
 
 def sample_levels_by_blocks(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor,
                             weights: Tensor) -> Tensor:
-    """`sample_levels` as one weighted sum of 2 x 2 blocks of rows per query and head: on CPU
-    about twice as fast as one grid_sample per level. Same arguments and result.
+    """`sample_levels` as one weighted sum of 2 x 2 blocks of rows per query and head, the form
+    the CPU runs: there about twice as fast as one grid_sample per level. Same arguments and result.
 
     A point mixes the 2 x 2 pixels around it. Each level gets a border of zero pixels, so
     that every point within a pixel of the map has its 4 pixels in the padded level; folding

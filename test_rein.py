@@ -993,8 +993,8 @@ def test_deformable_sampling_equals_a_per_point_reference_in_both_forms():
 
 @cuda
 def test_cuda_deformable_sampling_equals_cpu():
-    """On CUDA both forms of the sampling give the CPU's values and gradients; under bf16 autocast,
-    as in training, sample_levels gives them to bf16 rounding."""
+    """On CUDA sample_levels, the form the GPU runs, gives the CPU's values and gradients, and under
+    bf16 autocast, as in training, gives them to bf16 rounding."""
     torch.manual_seed(0)
     shapes = [(8, 8), (16, 12), (32, 32)]
     B, Lq, M, d, P = 2, 300, 4, 8, 4
@@ -1014,7 +1014,7 @@ def test_cuda_deformable_sampling_equals_cpu():
         return all(torch.allclose(a, b, rtol=0, atol=tolerance * b.abs().max().item()) for a, b in zip(ours, expected))
 
     cpu = run(sample_levels_by_blocks, "cpu")
-    assert close(run(sample_levels, "cuda"), cpu, 1e-5) and close(run(sample_levels_by_blocks, "cuda"), cpu, 1e-5)
+    assert close(run(sample_levels, "cuda"), cpu, 1e-5)
     assert close(run(sample_levels, "cuda", torch.bfloat16), cpu, 0.02)
 
 
@@ -2335,8 +2335,8 @@ def test_failed_start_leaves_no_folder(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def benchmark(repeats: int = 5) -> None:
-    """Deformable attention of the paper's pixel decoder (512 x 512 crops, batch 2) in its two
-    forms, forward and backward; then one training step's matching."""
+    """Deformable attention of the paper's pixel decoder (512 x 512 crops, batch 2) in the two
+    forms on CPU, the grid_sample one on a GPU, forward and backward; then the matching."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -2359,7 +2359,10 @@ def benchmark(repeats: int = 5) -> None:
     weights = torch.rand(B, Lq, M, len(shapes), P, device=device, requires_grad=True)
     print(f"deformable attention, {Lq} queries x {M} heads x {len(shapes)} levels x {P} points, batch {B}, "
           f"{device}, {torch.get_num_threads()} threads, best of {repeats}:")
-    for name, fn in (("sample_levels (grid_sample)", sample_levels), ("sample_levels_by_blocks", sample_levels_by_blocks)):
+    forms = {"sample_levels (grid_sample)": sample_levels}
+    if device == "cpu":  # the form the CPU runs; a GPU runs sample_levels
+        forms["sample_levels_by_blocks"] = sample_levels_by_blocks
+    for name, fn in forms.items():
         forward = best_ms(lambda: fn(value, shapes, locations, weights))
         both = best_ms(lambda: fn(value, shapes, locations, weights).square().sum().backward())
         print(f"  {name:28s} forward {forward:8.1f} ms, backward {both - forward:8.1f} ms")
