@@ -250,7 +250,7 @@ class DeformableAttention(nn.Module):
         size = torch.tensor([(w, h) for h, w in shapes], device=query.device)  # (L, 2)
         # The same reference point on every level; an offset of one pixel is 1/w (or 1/h) there.
         locations = reference[:, None, None, None, :] + offsets / size[:, None]  # (B, Lq, M, L, P, 2)
-        sample = sample_levels if value.is_cuda else sample_levels_by_blocks
+        sample = sample_levels if value.is_cuda else sample_levels_by_blocks  # the faster form on each
         return self.output_proj(sample(value, shapes, locations, weights))
 
 

@@ -594,8 +594,8 @@ if __name__ == "__main__":
     except (FileNotFoundError, ValueError, PermissionError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except Exception:
-        # Printed here rather than by Python, which would keep the traceback, and with it the
-        # loader's workers, alive until its exit; the exit stops them with a SIGTERM that they
-        # ignore (ignore_stop_signals) and would wait for them forever, on a CUDA error say.
+        # Python would print it too, but would keep the traceback, and with it the loader's
+        # workers, alive until its exit, which stops them with a SIGTERM that they ignore
+        # (ignore_stop_signals) and then waits for them forever.
         traceback.print_exc()
         sys.exit(1)
