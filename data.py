@@ -28,9 +28,8 @@ import torch
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-# ----------------------------------------------------------------------------------------
-# Classes, colours and label ids
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------ Classes, colours and label ids
+
 
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
@@ -142,47 +141,30 @@ def _mapillary_names(root: Path) -> list[str]:
     return names
 
 
-def _table(mapping: dict[int, int], known) -> tuple[np.ndarray, np.ndarray]:
-    """(256,) uint8 raw value -> train id (255 unless mapped), and (256,) bool: the values the dataset defines."""
+def label_table(name: str, root: Path | None = None, num_classes: int = 19) -> tuple[np.ndarray, np.ndarray]:
+    """(256,) uint8 raw label value -> train id (255 unless mapped), and (256,) bool: the values
+    that dataset `name` defines. Names other than gta, synthia, cityscapes, acdc and mapillary
+    stand for files that already hold the ids 0..num_classes-1 and 255 (the official tools'
+    `_labelTrainIds.png`, BDD100K, a folder's labels). Mapillary's config under `root` says
+    what its values mean."""
+    if name in ("cityscapes", "gta", "acdc"):
+        mapping, known = CITYSCAPES_ID_TO_TRAIN, range(34)
+    elif name == "synthia":
+        mapping, known = SYNTHIA_ID_TO_TRAIN, range(23)
+    elif name == "mapillary":
+        names = _mapillary_names(Path(root or DATA_ROOTS["mapillary"]))
+        mapping = {i: t for i, n in enumerate(names) if (t := mapillary_train_id(n)) != IGNORE}
+        known = range(len(names))
+    else:
+        mapping, known = {i: i for i in range(num_classes)}, [*range(num_classes), IGNORE]
     lut, is_known = np.full(256, IGNORE, dtype=np.uint8), np.zeros(256, dtype=bool)
     lut[list(mapping)] = list(mapping.values())
     is_known[list(known)] = True
     return lut, is_known
 
 
-def _label_table(name: str, root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """`_table` of the label files of dataset `name`; "trainids" stands for files that already
-    hold train ids (the official tools' `_labelTrainIds.png`, BDD100K, synthetic)."""
-    if name in ("cityscapes", "gta", "acdc"):
-        return _table(CITYSCAPES_ID_TO_TRAIN, range(34))
-    if name == "synthia":
-        return _table(SYNTHIA_ID_TO_TRAIN, range(23))
-    if name == "mapillary":
-        names = _mapillary_names(Path(root or DATA_ROOTS["mapillary"]))
-        mapping = {i: mapillary_train_id(n) for i, n in enumerate(names)}
-        return _table({i: t for i, t in mapping.items() if t != IGNORE}, range(len(names)))
-    if name == "folder" and root is None:
-        raise ValueError("the folder dataset needs a root: folder=PATH")
-    return _identity(len(_folder_classes(Path(root))) if name == "folder" else len(CITYSCAPES_CLASSES))
+# ------------------------------------------------------------------- Reading image and label files
 
-
-def _identity(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """`_table` of files that already hold the ids 0..K-1, and 255 for ignore."""
-    return _table({i: i for i in range(num_classes)}, [*range(num_classes), IGNORE])
-
-
-def label_lut(name: str, root: str | Path | None = None) -> np.ndarray:
-    """(256,) uint8 table from the raw label values of dataset `name` to train ids (255 = ignore).
-    Mapillary reads its config from `root` (default data/mapillary); folder needs `root`."""
-    parts = _split_name(name)
-    if len(parts) > 1:
-        raise ValueError(f"label_lut takes one dataset, got {name!r}")
-    return _label_table(parts[0][0], root)[0]
-
-
-# ----------------------------------------------------------------------------------------
-# Reading image and label files
-# ----------------------------------------------------------------------------------------
 
 def _open(path: Path, *, low_byte: bool = False) -> Image.Image:
     """Decode an image file completely; errors name the file. `low_byte`: see _read_label."""
@@ -219,9 +201,8 @@ def _read_label(path: Path, *, first_channel: bool) -> np.ndarray:
     return (high.astype(np.uint16) << 8) | low
 
 
-# ----------------------------------------------------------------------------------------
-# Training augmentation (the official Rein configs' mmseg pipeline) and test-time resizing
-# ----------------------------------------------------------------------------------------
+# ------------------------- Augmentation (the official configs' mmseg pipeline), test-time resizing
+
 
 def choose_crop(label: np.ndarray, crop_size: int, rng: np.random.Generator) -> tuple[int, int]:
     """Top-left corner (top, left) of a random crop of (H, W) `label`, mmseg's cat_max_ratio rule:
@@ -288,11 +269,6 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
     return image
 
 
-def channels_first(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (3, H, W) float32."""
-    return rgb.transpose(2, 0, 1).astype(np.float32)  # (H, W, 3) -> (3, H, W)
-
-
 def normalize(image: np.ndarray) -> np.ndarray:
     """(3, H, W) RGB in [0, 255] -> (3, H, W) float32, ImageNet-normalised."""
     return (image - np.float32(MEAN)[:, None, None]) / np.float32(STD)[:, None, None]
@@ -303,7 +279,7 @@ def train_transform(image: Image.Image, label: np.ndarray, rng: np.random.Genera
     """The whole training augmentation: RGB image, (H, W) train ids -> (3, crop, crop) float32 and
     (crop, crop) int64, padded at the bottom and right with 0 (the mean colour) and 255 (ignore)."""
     rgb, label = random_resize_crop_flip(image, label, rng, crop_size)
-    image = normalize(photometric_distortion(channels_first(rgb), rng))
+    image = normalize(photometric_distortion(rgb.transpose(2, 0, 1).astype(np.float32), rng))  # (3, h, w)
     pad_h, pad_w = crop_size - label.shape[0], crop_size - label.shape[1]
     image = np.pad(image, ((0, 0), (0, pad_h), (0, pad_w)))
     label = np.pad(label, ((0, pad_h), (0, pad_w)), constant_values=IGNORE)
@@ -321,12 +297,11 @@ def to_test_tensor(image: Image.Image | np.ndarray, size: tuple[int, int] | None
         width, height = image.size
         factor = min(size[0] / max(width, height), size[1] / min(width, height))
         image = image.resize((int(width * factor + 0.5), int(height * factor + 0.5)), Image.BILINEAR)
-    return torch.from_numpy(normalize(channels_first(np.asarray(image))))
+    return torch.from_numpy(normalize(np.asarray(image).transpose(2, 0, 1)))  # (H, W, 3) -> (3, H, W)
 
 
-# ----------------------------------------------------------------------------------------
-# Dataset objects
-# ----------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------- Dataset objects
+
 
 class SegmentationDataset(Dataset):
     """Class names and colours, raw reads and the train / eval transforms. Subclasses provide
@@ -444,9 +419,8 @@ class CombinedDataset(ConcatDataset):
         return dataset.augment(index, rng)
 
 
-# ----------------------------------------------------------------------------------------
-# Distributed layouts, as each dataset's own release lays its files out
-# ----------------------------------------------------------------------------------------
+# ---------------------------------------- Each dataset's files, laid out as its release ships them
+
 
 DATA_ROOTS = {
     "gta": "data/gta", "synthia": "data/synthia", "cityscapes": "data/cityscapes",
@@ -494,7 +468,7 @@ def _pairs(images: list[Path], labels_for, where: str, name: str, split: str = "
     if not images:
         raise ValueError(f"no images found: {where}")
     if split == "test":
-        return dict(pairs=[(image, None) for image in images], table=_label_table(name, root))
+        return dict(pairs=[(image, None) for image in images], table=label_table(name, root))
     for option in range(len(labels_for(images[0]))):
         labels = [labels_for(image)[option] for image in images]
         found = [label.is_file() for label in labels]
@@ -506,7 +480,7 @@ def _pairs(images: list[Path], labels_for, where: str, name: str, split: str = "
         raise FileNotFoundError(f"{len(missing)} of {len(images)} images have no label file "
                                 f"(expected e.g. {labels[found.index(False)]}): {names}")
     # Synthia's raw label files keep the class in the first channel of a 16-bit colour PNG.
-    return dict(pairs=list(zip(images, labels)), table=_label_table("trainids" if option else name, root),
+    return dict(pairs=list(zip(images, labels)), table=label_table("trainids" if option else name, root),
                 first_channel=name == "synthia" and not option)
 
 
@@ -627,7 +601,7 @@ def _folder_files(root: Path, split: str, subset: str | None) -> dict:
 
     classes = _folder_classes(root)
     return _pairs(images, labels_for, f"{image_dir} holds no {'/'.join(IMAGE_SUFFIXES)} files", "trainids") | \
-        dict(table=_identity(len(classes)), classes=classes)
+        dict(table=label_table("folder", num_classes=len(classes)), classes=classes)
 
 
 LAYOUTS = {
@@ -636,208 +610,162 @@ LAYOUTS = {
 }
 
 
-# ----------------------------------------------------------------------------------------
-# The synthetic multi-domain dataset
-# ----------------------------------------------------------------------------------------
-# A straight street seen from a car, in world units of the camera height (about 1.5 m):
-# road, sidewalks, grass verges, facades of buildings, trees and walls, then objects painted
-# far to near. The layout depends on (seed, split, index) only; the domain decides colours,
+# -------------------------------------------------------------- The synthetic multi-domain dataset
+
+# A straight street seen from a car, in units of the camera height (about 1.5 m): road,
+# sidewalks and verges, facades of buildings, walls and trees, then objects painted far to
+# near. The layout depends on (seed, split, index) only; the domain decides colours,
 # texture, fog, darkness and rain.
 
 (ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY, PERSON,
  RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE) = range(19)
-MARKING, WINDOW, SKIN, LAMP = range(19, 23)  # materials that change the colour, not the class
-SKY_DEPTH = 1000.0
-
-_GAME_COLOURS = np.array([  # flat, saturated, "rendered by a game engine"
-    (110, 100, 125), (225, 200, 170), (200, 120, 90), (160, 160, 200), (210, 170, 110),
-    (90, 90, 95), (40, 40, 40), (245, 220, 0), (60, 185, 60), (175, 215, 90), (120, 190, 255),
-    (220, 60, 60), (250, 120, 0), (30, 80, 220), (200, 200, 215), (250, 200, 40), (180, 40, 40),
-    (40, 40, 160), (170, 40, 130), (250, 250, 250), (130, 210, 245), (245, 205, 175), (255, 250, 200),
-], dtype=np.float32)
-_PHOTO_COLOURS = np.array([  # muted, like a camera in daylight
-    (82, 80, 84), (150, 146, 140), (140, 128, 116), (165, 160, 150), (120, 108, 92),
-    (110, 110, 104), (35, 35, 30), (200, 195, 185), (70, 98, 42), (122, 128, 74), (175, 200, 225),
-    (72, 66, 80), (62, 60, 70), (105, 105, 112), (170, 170, 165), (180, 160, 70), (130, 50, 45),
-    (52, 50, 56), (62, 60, 72), (215, 215, 205), (62, 76, 92), (200, 160, 136), (255, 240, 190),
-], dtype=np.float32)
-# Per material: spread of instance colours (objects and facades differ a lot, road and sky
-# little) and strength of the texture outside the game domain.
-_JITTER = np.array([12, 14, 60, 40, 40, 12, 6, 45, 18, 18, 14, 80, 80, 90, 60, 60, 40, 60, 60,
-                    6, 15, 25, 5], dtype=np.float32)
-_TEXTURE = np.array([14, 14, 9, 12, 10, 5, 3, 3, 32, 26, 8, 5, 5, 4, 5, 5, 5, 5, 5, 6, 6, 3, 2],
-                    dtype=np.float32)
-# Objects: (class, width range, height range, parts), a range None for a width equal to the
-# height or a size of 1. A part is (material, x0, x1, h0, h1, power, hole): a superellipse in
-# the box [x0, x1] (lateral) x [h0, h1] (height) in units of the drawn width and height, of
-# the object's class; `material` None means the class's own colour.
-# A person: legs, torso, head.
-BODY = [(None, -.1, .1, 0, .5, 8, 0), (None, -.16, .16, .42, .86, 3, 0), (SKIN, -.07, .07, .84, 1, 2, 0)]
-OBJECTS = {  # vehicles seen from behind; two-wheelers from the side: two wheels (rings for a bicycle), a frame
-    "car": (CAR, (1.1, 1.35), (0.85, 1.15), [(None, -.5, .5, 0, .6, 6, 0), (None, -.42, .42, .5, 1, 4, 0),
-                                              (WINDOW, -.34, .34, .62, .93, 6, 0)]),
-    "truck": (TRUCK, (1.55, 1.75), (1.9, 2.6), [(None, -.42, .42, 0, .3, 8, 0), (None, -.5, .5, .18, 1, 16, 0)]),
-    "bus": (BUS, (1.65, 1.8), (2.0, 2.3), [(None, -.5, .5, .05, 1, 10, 0), (WINDOW, -.45, .45, .5, .85, 10, 0)]),
-    "person": (PERSON, None, (1.0, 1.3), BODY),
-    "rider": (RIDER, None, (0.8, 1.04), BODY),
-    "bicycle": (BICYCLE, None, None, [(None, -.575, -.115, 0, .46, 2, .75), (None, .115, .575, 0, .46, 2, .75),
-                                      (None, -.345, .345, .391, .506, 12, 0)]),
-    "motorcycle": (MOTORCYCLE, None, None, [(None, -.725, -.125, 0, .6, 2, 0), (None, .125, .725, 0, .6, 2, 0),
-                                            (None, -.545, .545, .36, .96, 4, 0)]),
+MARKING, WINDOW, LAMP = range(19, 22)  # materials that change the colour, not the class
+GAME_COLOURS = np.array([  # flat, saturated, "rendered by a game engine"
+    (110, 100, 125), (225, 200, 170), (200, 120, 90), (160, 160, 200), (210, 170, 110), (90, 90, 95),
+    (40, 40, 40), (245, 220, 0), (60, 185, 60), (175, 215, 90), (120, 190, 255), (220, 60, 60), (250, 120, 0),
+    (30, 80, 220), (200, 200, 215), (250, 200, 40), (180, 40, 40), (40, 40, 160), (170, 40, 130),
+    (250, 250, 250), (130, 210, 245), (255, 250, 200)], dtype=np.float32)
+PHOTO_COLOURS = np.array([  # muted, like a camera in daylight
+    (82, 80, 84), (150, 146, 140), (140, 128, 116), (165, 160, 150), (120, 108, 92), (110, 110, 104),
+    (35, 35, 30), (200, 195, 185), (70, 98, 42), (122, 128, 74), (175, 200, 225), (72, 66, 80), (62, 60, 70),
+    (105, 105, 112), (170, 170, 165), (180, 160, 70), (130, 50, 45), (52, 50, 56), (62, 60, 72),
+    (215, 215, 205), (62, 76, 92), (255, 240, 190)], dtype=np.float32)
+# Per material: how much instances' colours differ (objects and facades a lot, road and sky
+# little), and the strength of the texture outside the game domain.
+JITTER = np.array([12, 14, 60, 40, 40, 12, 6, 45, 18, 18, 14, 80, 80, 90, 60, 60, 40, 60, 60, 6, 15, 5], np.float32)
+TEXTURE = np.array([14, 14, 9, 12, 10, 5, 3, 3, 32, 26, 8, 5, 5, 4, 5, 5, 5, 5, 5, 6, 6, 2], np.float32)
+# Objects on the ground: class, width and height ranges, superellipse power (2: an ellipse,
+# 16: a box) and a band of windows (bottom, top) in fractions of the height.
+OBJECTS = {
+    "car": (CAR, (1.1, 1.35), (0.85, 1.15), 5, (0.55, 0.9)), "truck": (TRUCK, (1.55, 1.75), (1.9, 2.6), 16, None),
+    "bus": (BUS, (1.65, 1.8), (2.0, 2.3), 10, (0.5, 0.85)), "person": (PERSON, (0.3, 0.45), (1.0, 1.3), 3, None),
+    "bicycle": (BICYCLE, (0.9, 1.2), (0.45, 0.6), 2, None), "motorcycle": (MOTORCYCLE, (1.2, 1.5), (0.55, 0.7), 2, None),
 }
-SADDLE = {"bicycle": 0.368, "motorcycle": 0.48}  # the height a rider sits at
 
 
-class _Canvas:
-    """Instance and depth maps being painted, each instance's class and material, and the
-    camera: focal length and horizon row in pixels, vanishing point column."""
+class Scene:
+    """The instance and depth maps of one street being painted, each instance's class and
+    material, and the camera: focal length and horizon row in pixels, vanishing point column."""
 
-    def __init__(self, *, width: int, height: int, focal: float, horizon: float, centre: float) -> None:
-        self.instance = np.zeros((height, width), dtype=np.uint16)
-        self.depth = np.full((height, width), SKY_DEPTH, dtype=np.float32)
-        self.classes: list[int] = []
-        self.materials: list[int] = []
-        self.focal, self.horizon, self.centre = focal, horizon, centre
+    def __init__(self, rng: np.random.Generator, width: int, height: int) -> None:
+        self.focal = np.float32(width * rng.uniform(0.5, 0.8))
+        self.horizon, self.centre = height * rng.uniform(0.36, 0.5), width * rng.uniform(0.35, 0.65)
+        self.instance = np.zeros((height, width), dtype=np.uint16)  # instance 0 is the sky
+        self.depth = np.full((height, width), 1000, dtype=np.float32)
+        self.classes, self.materials = [SKY], [SKY]
 
     def new(self, cls: int, material: int | None = None) -> int:
         self.classes.append(cls)
         self.materials.append(cls if material is None else material)
         return len(self.classes) - 1
 
-    def paint(self, instance: int, x0: float, x1: float, h0: float, h1: float, z: float,
-              power: float = 8.0, hole: float = 0.0) -> None:
-        """Fill the world box [x0, x1] x [h0, h1] at depth z with the superellipse
-        |u|^power + |v|^power <= 1 (2: ellipse, 1: diamond, large: rectangle), minus a
-        hole of relative size `hole` (wheels)."""
+    def paint(self, instance: int, x0: float, x1: float, h0: float, h1: float, z: float, power: float = 16) -> None:
+        """Fill the world box [x0, x1] (lateral) x [h0, h1] (height) at depth z with the
+        superellipse |u|^power + |v|^power <= 1."""
         left, right = self.centre + self.focal * x0 / z, self.centre + self.focal * x1 / z
         top, bottom = self.horizon + self.focal * (1 - h1) / z, self.horizon + self.focal * (1 - h0) / z
         c0, c1 = max(round(left), 0), min(round(right), self.instance.shape[1])
         r0, r1 = max(round(top), 0), min(round(bottom), self.instance.shape[0])
-        if c0 >= c1 or r0 >= r1:
-            return
-        if power >= 16 and hole == 0:  # a rectangle, as far as pixels can tell
-            self.instance[r0:r1, c0:c1], self.depth[r0:r1, c0:c1] = instance, z
-            return
         u = np.abs((np.arange(c0, c1) + 0.5 - left) / (right - left) * 2 - 1) ** power  # (w,)
         v = np.abs((np.arange(r0, r1) + 0.5 - top) / (bottom - top) * 2 - 1) ** power  # (h,)
-        radius = v[:, None] + u[None, :]  # (h, w)
-        inside = (radius <= 1) & (radius >= hole ** power)
-        self.instance[r0:r1, c0:c1][inside] = instance
-        self.depth[r0:r1, c0:c1][inside] = z
+        inside = v[:, None] + u <= 1  # (h, w)
+        self.instance[r0:r1, c0:c1][inside], self.depth[r0:r1, c0:c1][inside] = instance, z
 
-    def object(self, rng: np.random.Generator, kind: str, x: float, z: float, base: float = 0.0) -> None:
-        """One of OBJECTS at lateral position x and depth z, standing on height `base`."""
-        cls, width, height, parts = OBJECTS[kind]
-        w = rng.uniform(*width) if width else None
-        h = rng.uniform(*height) if height else 1.0
-        w, ids = h if w is None else w, {}
-        for material, x0, x1, h0, h1, power, hole in parts:
-            if material not in ids:
-                ids[material] = self.new(cls, material)
-            self.paint(ids[material], x + w * x0, x + w * x1, base + h * h0, base + h * h1, z, power, hole)
+    def object(self, rng: np.random.Generator, kind: str, x: float, z: float, base: float = 0, cls: int = 0) -> None:
+        """One of OBJECTS centred at lateral position x and depth z, standing on height `base`."""
+        own, width, height, power, windows = OBJECTS[kind]
+        w, h = rng.uniform(*width), rng.uniform(*height)
+        self.paint(self.new(cls or own), x - w / 2, x + w / 2, base, base + h, z, power)
+        if windows:
+            bottom, top = base + windows[0] * h, base + windows[1] * h
+            self.paint(self.new(own, WINDOW), x - 0.38 * w, x + 0.38 * w, bottom, top, z, 6)
 
-    def pole(self, rng: np.random.Generator, x: float, z: float, toward_road: float) -> None:
-        """A pole, bare or carrying a traffic sign, a traffic light or a street lamp."""
-        pole, top, kind = self.new(POLE), rng.uniform(2.5, 4.5), rng.integers(4)
-        self.paint(pole, x - 0.045, x + 0.045, 0.0, top, z, power=20)
-        if kind == 1:  # a diamond, disc or plate
-            size, shape = rng.uniform(0.35, 0.6), float(rng.choice([1.0, 2.0, 16.0]))
-            self.paint(self.new(SIGN), x - size / 2, x + size / 2, top - size - 0.05, top - 0.05, z, shape)
+    def pole(self, rng: np.random.Generator, x: float, z: float) -> None:
+        """A pole, bare or carrying a traffic sign (diamond, disc or plate) or a traffic light."""
+        top, kind = rng.uniform(2.5, 4.5), rng.integers(3)
+        self.paint(self.new(POLE), x - 0.045, x + 0.045, 0, top, z)
+        if kind == 1:
+            size = rng.uniform(0.35, 0.6)
+            self.paint(self.new(SIGN), x - size / 2, x + size / 2, top - size, top, z, float(rng.choice([1, 2, 16])))
         elif kind == 2:
-            self.paint(self.new(LIGHT), x - 0.13, x + 0.13, top - 0.75, top, z, power=16)
-            slot = 0.24 * rng.integers(3)
-            self.paint(self.new(LIGHT, LAMP), x - 0.08, x + 0.08, top - 0.72 + slot, top - 0.56 + slot, z, 2)
-        elif kind == 3:
-            reach = x + toward_road * rng.uniform(0.6, 1.2)
-            self.paint(pole, min(x, reach), max(x, reach), top - 0.06, top + 0.02, z, power=20)
-            self.paint(self.new(POLE, LAMP), reach - 0.18, reach + 0.18, top - 0.14, top - 0.02, z, 3)
+            self.paint(self.new(LIGHT), x - 0.13, x + 0.13, top - 0.75, top, z)
+            lamp = top - 0.72 + 0.24 * rng.integers(3)  # the lit one of three lamps
+            self.paint(self.new(LIGHT, LAMP), x - 0.08, x + 0.08, lamp, lamp + 0.16, z, 2)
 
 
-def _facades(canvas: _Canvas, rng: np.random.Generator, rows: np.ndarray, cols: np.ndarray,
-             line: np.ndarray) -> None:
-    """Sky, and facades standing on `line` (left, right): segments along the street of
+def draw_facades(scene: Scene, rng: np.random.Generator, rows: np.ndarray, cols: np.ndarray,
+                 line: np.ndarray) -> None:
+    """Facades at lateral distance `line` (left, right), 16 segments along the street on each side:
     buildings with windows (kind 0), trees (1), or a wall or fence with trees behind (2)."""
-    f32, count = np.float32, 16
-    side = (cols > 0).astype(np.intp)                            # (W,) 0 left, 1 right
-    reach = np.abs(cols) / line[side]                            # (W,) rows from the horizon to the facade's foot
-    depth = canvas.focal / np.maximum(reach, f32(1e-3))          # (W,) the facade's depth in each column
-    ends = np.cumsum(rng.uniform(5, 25, (2, count)), axis=1) + rng.uniform(0, 4, (2, 1))
-    kinds = rng.choice(3, (2, count), p=(0.6, 0.25, 0.15))
-    tops = np.where(kinds == 0, rng.uniform(3, 14, (2, count)), rng.uniform(2.5, 5.5, (2, count))).astype(f32)
-    walls = np.where(kinds == 2, rng.uniform(0.6, 1.2, (2, count)), tops).astype(f32)
-    # Instances per segment: lower and upper part (they differ for a wall with trees behind), windows.
-    lower, upper, windows = (np.zeros((2, count), dtype=np.uint16) for _ in range(3))
-    for s, k in np.ndindex(2, count):
-        if kinds[s, k] == 2:
-            lower[s, k], upper[s, k] = canvas.new(int(rng.choice([WALL, FENCE]))), canvas.new(VEGETATION)
-        else:
-            lower[s, k] = upper[s, k] = canvas.new(VEGETATION if kinds[s, k] else BUILDING)
-            windows[s, k] = 0 if kinds[s, k] else canvas.new(BUILDING, WINDOW)
-    segment = np.minimum(np.where(side, np.searchsorted(ends[1], depth), np.searchsorted(ends[0], depth)), count - 1)
-    kind, height = kinds[side, segment], tops[side, segment]    # (W,)
-    crown = np.where(kind > 0, 0.6 * np.abs(np.sin(depth * f32(0.9) + f32(rng.uniform(0, 6)))), f32(0))
-    facade = (rows >= -(height - 1 + crown) * reach) & (rows < reach)  # (H, W)
-    middle = -(walls[side, segment] - 1) * reach
-    canvas.instance[:] = np.where(facade, np.where(rows >= middle, lower[side, segment], upper[side, segment]),
-                                  canvas.new(SKY))
-    canvas.depth[:] = np.where(facade, depth, f32(SKY_DEPTH))
-    # Windows: floors up the facade and bays along the street, up to just under the roof.
-    floor, bay = f32(rng.uniform(1.8, 2.4)), f32(rng.uniform(1.8, 3.0))
-    storeys = 1 / floor - rows * (depth / (canvas.focal * floor))  # (H, W) height in floors
-    bays = (kind == 0) & (_fraction(depth / bay + f32(rng.uniform(0, 1))) < 0.55)  # (W,)
-    level = _fraction(storeys)
-    glass = (level > 0.35) & (level < 0.8) & (storeys > 1.4 / floor) & (storeys < (height - 0.4) / floor) & bays
-    canvas.instance[:] = np.where(glass, windows[side, segment], canvas.instance)
+    side = (cols > 0).astype(np.intp)                     # (W,) 0 left, 1 right
+    reach = np.abs(cols) / line[side]                      # (W,) rows from the horizon down to the facade's foot
+    depth = scene.focal / np.maximum(reach, 1e-3)          # (W,) the facade's depth in each column
+    ends = np.cumsum(rng.uniform(5, 25, (2, 16)), axis=1)
+    segment = np.where(side, np.searchsorted(ends[1], depth), np.searchsorted(ends[0], depth)).clip(max=15)
+    kinds = rng.choice(3, (2, 16), p=(0.6, 0.25, 0.15))
+    tops = np.where(kinds == 0, rng.uniform(3, 14, (2, 16)), rng.uniform(2.5, 5.5, (2, 16)))
+    walls = np.where(kinds == 2, rng.uniform(0.6, 1.2, (2, 16)), tops)  # where a wall gives way to trees
+    ids = np.zeros((3, 2, 16), dtype=np.uint16)  # per segment: lower part, upper part, windows
+    for s, k in np.ndindex(2, 16):
+        lower = scene.new((BUILDING, VEGETATION, int(rng.choice([WALL, FENCE])))[kinds[s, k]])
+        ids[:, s, k] = lower, scene.new(VEGETATION) if kinds[s, k] == 2 else lower, scene.new(BUILDING, WINDOW)
+    kind, top, wall = kinds[side, segment], tops[side, segment], walls[side, segment]  # (W,)
+    lower, upper, windows = ids[:, side, segment]
+    height = 1 - rows * depth / scene.focal  # (H, W) height above the ground where each pixel meets the facade
+    trees = np.where(kind > 0, 0.6 * np.abs(np.sin(0.9 * depth + rng.uniform(0, 6))), 0)  # uneven crowns
+    facade = (height > 0) & (height <= top + trees)
+    floor = _fraction(height / rng.uniform(1.8, 2.4))  # windows: floors up the facade, bays along the street
+    bay = _fraction(depth / rng.uniform(1.8, 3.0) + rng.uniform())
+    glass = (kind == 0) & (bay < 0.55) & (floor > 0.35) & (floor < 0.8) & (height > 1.4) & (height < top - 0.4)
+    scene.instance[:] = np.where(facade, np.where(glass, windows, np.where(height > wall, upper, lower)), 0)
+    scene.depth[:] = np.where(facade, depth, scene.depth)
 
 
-def _ground(canvas: _Canvas, rng: np.random.Generator, rows: np.ndarray, cols: np.ndarray, road: np.ndarray,
-            walk: np.ndarray, line: np.ndarray) -> None:
-    """Below the horizon, bands of lateral distance (road, sidewalk, grass up to the facade
-    `line`), with a dashed centre line on the road most of the time."""
-    f32 = np.float32
-    first = int(np.searchsorted(rows[:, 0], 0, side="right"))
-    below = rows[first:]                                          # (Hg, 1) rows under the horizon
-    lateral = cols / below                                        # (Hg, W) signed distance from the camera
-    side = (cols > 0).astype(np.intp)
-    walks = np.array([canvas.new(SIDEWALK), canvas.new(SIDEWALK)], dtype=np.uint16)[side]
-    verges = np.array([canvas.new(TERRAIN), canvas.new(TERRAIN)], dtype=np.uint16)[side]
-    road_id, marking = canvas.new(ROAD), canvas.new(ROAD, MARKING)
-    band = np.where(np.abs(lateral) <= road[side], road_id, np.where(np.abs(lateral) <= walk[side], walks, verges))
+def draw_ground(scene: Scene, rng: np.random.Generator, rows: np.ndarray, cols: np.ndarray, road: np.ndarray,
+                walk: np.ndarray, line: np.ndarray) -> None:
+    """Below the horizon, bands of lateral distance up to the facades: road, sidewalk, grass;
+    a dashed centre line on most roads."""
+    first = int(np.searchsorted(rows[:, 0], 0, side="right"))  # the first row under the horizon
+    depth = scene.focal / rows[first:]                          # (Hg, 1)
+    lateral = cols / rows[first:]                               # (Hg, W) signed distance from the camera
+    side, distance = (cols > 0).astype(np.intp), np.abs(lateral)
+    road_id, marking = scene.new(ROAD), scene.new(ROAD, MARKING)
+    walks, verges = np.array([[scene.new(c), scene.new(c)] for c in (SIDEWALK, TERRAIN)], np.uint16)[:, side]
+    band = np.where(distance <= road[side], road_id, np.where(distance <= walk[side], walks, verges))
     if rng.random() < 0.8:
-        dash = _fraction(canvas.focal / below / f32(rng.uniform(3, 6)) + f32(rng.uniform(0, 1))) < 0.5  # (Hg, 1)
-        band = np.where((np.abs(lateral - (road[1] - road[0]) / 2) < 0.06) & dash, marking, band)
-    ground = np.abs(lateral) <= line[side]
-    canvas.instance[first:] = np.where(ground, band, canvas.instance[first:])
-    canvas.depth[first:] = np.where(ground, canvas.focal / below, canvas.depth[first:])
+        dashes = _fraction(depth / rng.uniform(3, 6) + rng.uniform()) < 0.5  # (Hg, 1)
+        band = np.where((np.abs(lateral - (road[1] - road[0]) / 2) < 0.06) & dashes, marking, band)
+    ground = distance <= line[side]
+    scene.instance[first:] = np.where(ground, band, scene.instance[first:])
+    scene.depth[first:] = np.where(ground, depth, scene.depth[first:])
 
 
-def _objects(canvas: _Canvas, rng: np.random.Generator, road: np.ndarray, walk: np.ndarray) -> None:
-    """Vehicles on the road, people on the sidewalks, two-wheelers ridden or parked, poles
-    along both kerbs; painted far to near, so that nearer ones cover farther ones."""
-    objects = []  # (depth, lateral position, kind, whether ridden or which way the road is)
+def draw_objects(scene: Scene, rng: np.random.Generator, road: np.ndarray, walk: np.ndarray) -> None:
+    """Vehicles on the road, people on the sidewalks, two-wheelers ridden or parked, poles along
+    both kerbs; painted far to near, so that nearer ones cover farther ones."""
+    objects = []  # (depth, lateral position, what)
     for _ in range(rng.integers(1, 8)):
-        kind = str(rng.choice(["car", "truck", "bus"], p=(0.8, 0.12, 0.08)))
-        objects.append((rng.uniform(4, 70), rng.uniform(-road[0] + 0.7, road[1] - 0.7), kind, 0))
+        vehicle = str(rng.choice(["car", "truck", "bus"], p=(0.8, 0.12, 0.08)))
+        objects.append((rng.uniform(4, 70), rng.uniform(-road[0] + 0.7, road[1] - 0.7), vehicle))
     for _ in range(rng.integers(0, 7)):
         s = rng.integers(2)
-        objects.append((rng.uniform(3, 50), (2 * s - 1) * rng.uniform(road[s] + 0.3, walk[s] - 0.2), "person", 0))
+        objects.append((rng.uniform(3, 50), (2 * s - 1) * rng.uniform(road[s] + 0.3, walk[s] - 0.2), "person"))
     for _ in range(rng.integers(0, 3)):
-        kind, ridden, s = str(rng.choice(["bicycle", "motorcycle"])), rng.random() < 0.7, rng.integers(2)
-        # ridden on the road, or parked mid-sidewalk
-        x = rng.uniform(-road[0] + 0.8, road[1] - 0.8) if ridden else (2 * s - 1) * (road[s] + walk[s]) / 2
-        objects.append((rng.uniform(4, 40), x, kind, ridden))
+        two_wheeler, s = str(rng.choice(["bicycle", "motorcycle"])), rng.integers(2)
+        if rng.random() < 0.7:  # ridden on the road
+            objects.append((rng.uniform(4, 40), rng.uniform(-road[0] + 0.8, road[1] - 0.8), two_wheeler + "+rider"))
+        else:  # parked mid-sidewalk
+            objects.append((rng.uniform(4, 40), (2 * s - 1) * (road[s] + walk[s]) / 2, two_wheeler))
     for s in range(2):
-        z = rng.uniform(4, 15)
-        while z < 120:
-            objects.append((z, (2 * s - 1) * (road[s] + 0.25), "pole", 1 - 2 * s))
-            z += rng.uniform(10, 30)
-    for z, x, kind, extra in sorted(objects, key=lambda o: -o[0]):
-        if kind == "pole":
-            canvas.pole(rng, x, z, extra)
-            continue
-        canvas.object(rng, kind, x, z)
-        if extra:
-            canvas.object(rng, "rider", x, z, base=SADDLE[kind])
+        objects += [(z, (2 * s - 1) * (road[s] + 0.25), "pole") for z in np.cumsum(rng.uniform(10, 30, 6)) - 6]
+    for z, x, what in sorted(objects, key=lambda o: -o[0]):
+        if what == "pole":
+            scene.pole(rng, x, z)
+        elif what.endswith("+rider"):
+            scene.object(rng, what.removesuffix("+rider"), x, z)
+            scene.object(rng, "person", x, z, base=0.4, cls=RIDER)
+        else:
+            scene.object(rng, what, x, z)
 
 
 def draw_scene(rng: np.random.Generator, width: int,
@@ -845,44 +773,36 @@ def draw_scene(rng: np.random.Generator, width: int,
     """Lay out one street scene: instance (H, W) uint16, each instance's class (N,) and
     material (N,), and the depth (H, W) float32 of every pixel in camera heights."""
     f32 = np.float32  # float64 maps would double the memory traffic
-    canvas = _Canvas(width=width, height=height, focal=f32(width * rng.uniform(0.5, 0.8)),
-                     horizon=height * rng.uniform(0.36, 0.5), centre=width * rng.uniform(0.35, 0.65))
+    scene = Scene(rng, width, height)
     road = rng.uniform(1.5, 3.5, 2).astype(f32)          # road edge, left and right of the camera
     walk = road + rng.uniform(0.8, 2.2, 2).astype(f32)   # outer edge of each sidewalk
     line = walk + np.where(rng.random(2) < 0.35, rng.uniform(0.5, 2.0, 2), 0).astype(f32)  # facades; grass between
-    rows = (np.arange(height, dtype=f32) + 0.5 - f32(canvas.horizon))[:, None]  # (H, 1) below the horizon
-    cols = np.arange(width, dtype=f32) + 0.5 - f32(canvas.centre)               # (W,) right of centre
-    _facades(canvas, rng, rows, cols, line)
-    _ground(canvas, rng, rows, cols, road, walk, line)
+    rows = (np.arange(height, dtype=f32) + 0.5 - f32(scene.horizon))[:, None]  # (H, 1) below the horizon
+    cols = np.arange(width, dtype=f32) + 0.5 - f32(scene.centre)               # (W,) right of centre
+    draw_facades(scene, rng, rows, cols, line)
+    draw_ground(scene, rng, rows, cols, road, walk, line)
     if rng.random() < 0.6:  # the street ends at a cross block
         end, rise = rng.uniform(40, 150), rng.uniform(3, 10)
-        block = (canvas.depth > end) & (rows >= -(rise - 1) * canvas.focal / end) & (rows < canvas.focal / end)
-        canvas.instance[:] = np.where(block, np.uint16(canvas.new(BUILDING)), canvas.instance)
-        canvas.depth[:] = np.where(block, f32(end), canvas.depth)
-    _objects(canvas, rng, road, walk)
-    return canvas.instance, np.array(canvas.classes), np.array(canvas.materials), canvas.depth
-
-
-def _smooth_noise(rng: np.random.Generator, width: int, height: int, cell: int) -> np.ndarray:
-    """(H, W) float32 noise of unit spread, smooth over cell x cell pixels."""
-    small = rng.standard_normal((height // cell + 2, width // cell + 2), dtype=np.float32)
-    return np.asarray(Image.fromarray(small).resize((width, height), Image.BILINEAR))
+        block = (scene.depth > end) & (rows >= -(rise - 1) * scene.focal / end) & (rows < scene.focal / end)
+        scene.instance[:] = np.where(block, np.uint16(scene.new(BUILDING)), scene.instance)
+        scene.depth[:] = np.where(block, f32(end), scene.depth)
+    draw_objects(scene, rng, road, walk)
+    return scene.instance, np.array(scene.classes), np.array(scene.materials), scene.depth
 
 
 def render_scene(instance: np.ndarray, materials: np.ndarray, depth: np.ndarray, domain: str,
                  rng: np.random.Generator) -> Image.Image:
     """Colour a laid-out scene in one domain's appearance -> RGB image.
 
-    game: flat colours. photo: muted colours with texture and sensor noise. fog: photo
-    with depth fog. night: dark and blue, lit lamps and windows, more noise. rain: dull,
-    wet and streaked. Per-pixel work is kept to a few (H, W) planes: instance colours
-    are adjusted per instance, and texture, fog and light act on whole planes.
+    game: flat colours. photo: muted colours with texture and sensor noise. fog: photo with
+    depth fog. night: dark and blue, lit lamps and windows, more noise. rain: dull, wet and
+    streaked. Colours are set per instance; texture, fog and light act on whole planes.
     """
     f32 = np.float32
     height, width = instance.shape
-    palette, spread = (_GAME_COLOURS, 1.0) if domain == "game" else (_PHOTO_COLOURS, 0.6)
-    jitter = rng.uniform(-spread, spread, (len(materials), 3)).astype(f32) * _JITTER[materials, None]
-    colours = np.clip(palette[materials] + jitter, 0, 255)                      # (N, 3) one colour per instance
+    palette, spread = (GAME_COLOURS, 1.0) if domain == "game" else (PHOTO_COLOURS, 0.6)
+    jitter = rng.uniform(-spread, spread, (len(materials), 3)).astype(f32) * JITTER[materials, None]
+    colours = np.clip(palette[materials] + jitter, 0, 255)  # (N, 3) one colour per instance
     if domain == "game":
         return Image.fromarray(np.take(colours.astype(np.uint8), instance, axis=0))
     lit = (materials == LAMP) | ((materials == WINDOW) & (rng.random(len(materials)) < 0.35))  # at night
@@ -891,26 +811,25 @@ def render_scene(instance: np.ndarray, materials: np.ndarray, depth: np.ndarray,
     elif domain == "rain":
         colours = 0.75 * (0.6 * colours + 0.4 * colours.mean(axis=1, keepdims=True))
     # One lookup paints every per-instance value: colour, texture strength and being lit.
-    table = np.concatenate([colours, _TEXTURE[materials, None], lit[:, None]], axis=1)  # (N, 5)
-    planes = np.take(table.T, instance, axis=1)                                # (5, N) -> (5, H, W)
-    image, texture, glow = planes[:3], planes[3], planes[4] > 0
+    table = np.concatenate([colours, TEXTURE[materials, None], lit[:, None]], axis=1)  # (N, 5)
+    image, texture, glow = np.split(np.take(table.T, instance, axis=1), [3, 4])  # (3, H, W), (1, H, W), (1, H, W)
     # Grey texture: fine grain and coarse blotches scaled per material, plus sensor noise.
     fine = rng.integers(-128, 128, (height, width), dtype=np.int8) * f32(1.7 / 128)  # (H, W) unit-spread noise
-    sensor = {"photo": 3, "fog": 3, "night": 12, "rain": 6}[domain]
-    offset = texture * (0.5 * fine + _smooth_noise(rng, width, height, 8)) + sensor * fine
+    blotches = Image.fromarray(rng.standard_normal((height // 8 + 2, width // 8 + 2), dtype=f32))
+    coarse = np.asarray(blotches.resize((width, height), Image.BILINEAR))
+    offset = texture * (0.5 * fine + coarse) + {"photo": 3, "fog": 3, "night": 12, "rain": 6}[domain] * fine
     if domain == "fog":
-        clear = np.exp(depth * f32(-1 / rng.uniform(12, 35)))                    # light that gets through
+        clear = np.exp(depth * f32(-1 / rng.uniform(12, 35)))  # the light that gets through
         image *= clear
         offset = offset * clear + f32(rng.uniform(170, 215)) * (1 - clear)
     elif domain == "night":
-        light = np.where(glow, f32(1), 0.06 + 0.6 * np.exp(depth * f32(-1 / rng.uniform(6, 14))))
+        light = np.where(glow > 0, f32(1), 0.06 + 0.6 * np.exp(depth * f32(-1 / rng.uniform(6, 14))))
         image *= light
         offset *= light
     elif domain == "rain":
-        streaks = (rng.random((height // 16 + 2, width)) < 0.03).astype(f32)
-        offset = 0.75 * offset + 110 * np.asarray(Image.fromarray(streaks).resize((width, height), Image.BILINEAR))
-    image += offset
-    channels = np.clip(image, 0, 255, out=image).astype(np.uint8)
+        streaks = Image.fromarray((rng.random((height // 16 + 2, width)) < 0.03).astype(f32))
+        offset = 0.75 * offset + 110 * np.asarray(streaks.resize((width, height), Image.BILINEAR))
+    channels = np.clip(image + offset, 0, 255).astype(np.uint8)
     return Image.merge("RGB", [Image.fromarray(channel) for channel in channels])
 
 
@@ -943,9 +862,8 @@ class SyntheticDataset(SegmentationDataset):
         return image, np.take(classes.astype(np.uint8), instance)
 
 
-# ----------------------------------------------------------------------------------------
-# Names, the command-line form and the builder
-# ----------------------------------------------------------------------------------------
+# ---------------------------------------------------- Names, the command-line form and the builder
+
 
 def _valid_names() -> str:
     """Every accepted dataset name, for error messages."""

@@ -36,9 +36,7 @@ import rein
 import train
 import vit
 
-# ---------------------------------------------------------------------------------------------
-# Inference
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- Inference
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -99,9 +97,7 @@ def predict_labels(model: rein.Segmenter, image: Tensor, size: tuple[int, int], 
     return scores.argmax(0)
 
 
-# ---------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------- Metrics
 
 
 def confusion_matrix(pred: Tensor, label: Tensor, num_classes: int) -> Tensor:
@@ -127,9 +123,8 @@ def scores_from_confusion(conf: Tensor) -> dict:
                 accuracy=tp.sum().item() / total if total else float("nan"))
 
 
-# ---------------------------------------------------------------------------------------------
-# Writing predictions
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------- Writing predictions
+
 
 FORMATS = ("color", "labelids", "trainids")
 
@@ -185,9 +180,7 @@ def save_prediction(path: Path, pred: np.ndarray, fmt: str, *, rgb: np.ndarray, 
     Image.fromarray(np.ascontiguousarray(picture, dtype=np.uint8)).save(path)
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation, alone or distributed
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- Evaluation, alone or distributed
 
 
 def evaluate(model: rein.Segmenter, dataset, *, device: torch.device, slide: bool = True, window: int = 512,
@@ -251,9 +244,7 @@ def to_json(results: dict[str, dict], classes: tuple[str, ...]) -> dict:
                 mean_miou=mean_miou(results))
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints and the command line
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- Checkpoints and the command line
 
 
 def folder_name(dataset: str) -> str:

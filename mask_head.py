@@ -37,7 +37,7 @@ Predictions = list[tuple[Tensor, Tensor]]  # per prediction: class logits (B, Q,
 Targets = list[tuple[Tensor, Tensor]]  # per image: classes (T,), binary masks (T, H, W)
 
 
-# ---------------------------------------------------------------- positions
+# --------------------------------------------------------------------------------------- positions
 
 
 def sine_position(h: int, w: int, dim: int, device: torch.device) -> Tensor:
@@ -68,7 +68,7 @@ def pixel_centres(h: int, w: int, device: torch.device) -> Tensor:
     return torch.stack([x, y], dim=-1).flatten(0, 1)
 
 
-# ---------------------------------------------------------------- pixel decoder
+# ----------------------------------------------------------------------------------- pixel decoder
 
 
 class ConvGN(nn.Module):
@@ -315,7 +315,7 @@ class PixelDecoder(nn.Module):
         return memories, self.mask_feature(F.relu(self.output_conv(fine)))
 
 
-# ---------------------------------------------------------------- transformer decoder
+# ----------------------------------------------------------------------------- transformer decoder
 
 
 class Attention(nn.Module):
@@ -379,7 +379,7 @@ def attention_mask(embedding: Tensor, features: Tensor) -> Tensor:
     return attend | ~attend.any(-1, keepdim=True)
 
 
-# ---------------------------------------------------------------- the head
+# ---------------------------------------------------------------------------------------- the head
 
 
 class MaskHead(nn.Module):
@@ -461,7 +461,7 @@ class MaskHead(nn.Module):
         return self.cls_embed(x), self.mask_embed(x)
 
 
-# ---------------------------------------------------------------- matching
+# ---------------------------------------------------------------------------------------- matching
 
 
 def linear_sum_assignment_batch(costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -536,7 +536,7 @@ def _shortest_augmenting_paths(cost: np.ndarray) -> np.ndarray:
     return col4row
 
 
-# ---------------------------------------------------------------- the set loss
+# ------------------------------------------------------------------------------------ the set loss
 
 
 def point_sample(masks: Tensor, points: Tensor) -> Tensor:
@@ -708,7 +708,7 @@ class SetCriterion(nn.Module):
         return torch.cat([uncertain, random], 1)
 
 
-# ---------------------------------------------------------------- inference
+# --------------------------------------------------------------------------------------- inference
 
 
 def semantic_inference(class_logits: Tensor, mask_logits: Tensor) -> Tensor:

@@ -44,9 +44,7 @@ FULL_BACKBONE_LR_MULT = 0.1
 NO_WEIGHT_DECAY = ("norm", "learnable_tokens", "query_feat", "query_embed", "level_embed")
 
 
-# ---------------------------------------------------------------------------------------------
-# 1. The Rein layer (the paper's Section 3, low-rank tokens as in its official release)
-# ---------------------------------------------------------------------------------------------
+# ----------- 1. The Rein layer (the paper's Section 3, low-rank tokens as in its official release)
 
 
 class Rein(nn.Module):
@@ -105,9 +103,7 @@ class Rein(nn.Module):
         return self.merge(pooled.flatten(-2))  # (m, 3q) -> (m, q)
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. The frozen ViT refined by Rein
-# ---------------------------------------------------------------------------------------------
+# --------------------------------------------------------------- 2. The frozen ViT refined by Rein
 
 
 class ReinViT(nn.Module):
@@ -165,9 +161,7 @@ class ReinViT(nn.Module):
         return maps, self.rein.queries() if self.rein is not None else None
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. The segmenter and the paper's three methods
-# ---------------------------------------------------------------------------------------------
+# -------------------------------------------------- 3. The segmenter and the paper's three methods
 
 
 class Segmenter(nn.Module):
@@ -210,19 +204,16 @@ class Segmenter(nn.Module):
 
     def load_trainable_state_dict(self, state: dict[str, Tensor], origin: str = "checkpoint") -> None:
         """Loads `trainable_state_dict()` output back, strictly: every key and shape must match."""
-        own = dict(self.named_parameters())
-        wanted = {k for k, p in own.items() if p.requires_grad}
+        wanted = self.trainable_state_dict().keys()
         missing, unexpected = sorted(wanted - state.keys()), sorted(state.keys() - wanted)
         if missing or unexpected:
             raise ValueError(f"{origin} does not fit this {self.config['method']} model: missing "
                              f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
                              f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
-        if bad:
-            raise ValueError(f"{origin} was trained with another model (checkpoint vs this model): {bad[:5]}")
-        with torch.no_grad():
-            for k, v in state.items():
-                own[k].copy_(v)
+        try:
+            self.load_state_dict(state, strict=False)  # the frozen weights are not in `state`
+        except RuntimeError as e:
+            raise ValueError(f"{origin} was trained with another model: {e}") from None
 
     def param_groups(self, *, lr: float, weight_decay: float) -> list[dict]:
         """AdamW groups: no weight decay on norms, Rein's tokens and scale, and the head's
@@ -285,9 +276,7 @@ def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str 
     return model
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. The official release checkpoints
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------- 4. The official release checkpoints
 
 # Our parameter names -> the official mmseg names, first match wins. The official release
 # stores Rein under backbone.reins.*, the head under decode_head.* (mmdet's Mask2Former).

@@ -37,7 +37,7 @@ import rein
 import train
 import vit
 from data import (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, MEAN, STD, SYNTHETIC_DOMAINS, build_dataset,
-                  choose_crop, palette_for, colorize, hsv_to_rgb, label_lut, parse_data, photometric_distortion,
+                  choose_crop, palette_for, colorize, hsv_to_rgb, label_table, parse_data, photometric_distortion,
                   random_resize_crop_flip, rgb_to_hsv, to_test_tensor)
 from mask_head import (DecoderLayer, DeformableAttention, MaskHead, SetCriterion, attention_mask,
                        linear_sum_assignment_batch, mask_logits, point_sample, sample_levels, sample_levels_by_blocks,
@@ -434,13 +434,11 @@ def test_vit_errors_are_clear(tmp_path):
     broken = dict(state)
     del broken["blocks.3.attn.proj.bias"]
     broken["head.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"missing keys \['blocks.3.attn.proj.bias'\].*"
-                                         r"unexpected keys \['head.weight'\]"):
+    with pytest.raises(ValueError, match="does not match the dinov2 layout") as error:
         vit.load_pretrained(small, broken)
+    assert '"blocks.3.attn.proj.bias"' in str(error.value) and '"head.weight"' in str(error.value)
     with pytest.raises(ValueError, match="image size 30x28 is not a multiple of the patch size 4"):
         tiny_vit()(torch.randn(1, 3, 30, 28))
-    with pytest.raises(ValueError, match="unknown ViT arch 'vith14'.*vits14, vitb14, vitl14, vitg14"):
-        vit.build_vit("vith14")
 
 
 def test_vit_command_line_takes_reg4_names_and_rejects_bad_patches(monkeypatch, capsys):
@@ -1393,13 +1391,13 @@ def interior(label: np.ndarray, margin: int = 2) -> np.ndarray:
     return mask
 
 
-def test_label_lut_tables_follow_the_spec():
-    """label_lut gives 256-entry uint8 tables equal to the published specs for every id scheme."""
+def test_label_tables_follow_the_spec():
+    """label_table gives 256-entry uint8 tables equal to the published specs for every id scheme."""
     values = np.arange(256)
-    for name in ("cityscapes", "gta", "acdc:night"):
-        assert label_lut(name).dtype == np.uint8 and (label_lut(name) == expected(CITYSCAPES_IDS, values)).all()
-    assert (label_lut("synthia") == expected(SYNTHIA_IDS, values)).all()
-    assert (label_lut("bdd") == np.where(values < 19, values, 255)).all()
+    for name in ("cityscapes", "gta", "acdc"):
+        assert label_table(name)[0].dtype == np.uint8 and (label_table(name)[0] == expected(CITYSCAPES_IDS, values)).all()
+    assert (label_table("synthia")[0] == expected(SYNTHIA_IDS, values)).all()
+    assert (label_table("bdd")[0] == np.where(values < 19, values, 255)).all()
 
 
 def test_gta_palette_pngs_map_every_id(tmp_path):
@@ -1485,7 +1483,7 @@ def test_mapillary_config_maps_names_to_train_ids(tmp_path):
         save(root / labels / "abc.png", raw, palette=True)
         dataset = build_dataset("mapillary", root, "train", train=False)
         assert (dataset.read(0)[1] == expected(MAPILLARY_IDS, raw)).all()
-        assert (label_lut("mapillary", root) == expected(MAPILLARY_IDS, np.arange(256))).all()
+        assert (label_table("mapillary", root)[0] == expected(MAPILLARY_IDS, np.arange(256))).all()
 
 
 def test_acdc_conditions_and_subsets(tmp_path):
@@ -1884,7 +1882,7 @@ def test_eval_labelids_are_what_the_benchmark_server_reads(tmp_path, capsys):
         "--format", "labelids", "--workers", "0", "--json", str(tmp_path / "r.json"), "--whole"]))
     model, _ = evaluation.load_checkpoint(tmp_path / "last.pt")
     dataset = build_dataset("cityscapes", root, "val", train=False)
-    lut = label_lut("cityscapes")
+    lut = label_table("cityscapes")[0]
     for i in range(len(dataset)):
         sample = dataset[i]
         png = np.asarray(Image.open(out / "cityscapes" / f"{sample['name']}.png"))
@@ -1901,7 +1899,7 @@ def test_eval_every_train_id_maps_to_a_raw_id_and_back(tmp_path):
     """A labelids PNG holding all 19 classes reads back, through each dataset's table, as the prediction."""
     pred = np.arange(19, dtype=np.uint8).repeat(3).reshape(3, 19)
     for name in ("cityscapes", "gta", "bdd", "acdc"):
-        lut = label_lut(name)
+        lut = label_table(name)[0]
         evaluation.save_prediction(tmp_path / f"{name}.png", pred, "labelids", rgb=None, classes=CITYSCAPES_CLASSES,
                                    palette=None, label=None, to_raw=evaluation.train_to_raw_ids(lut))
         assert np.array_equal(lut[np.asarray(Image.open(tmp_path / f"{name}.png"))], pred)

@@ -149,9 +149,7 @@ def check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--head-dim must be a multiple of 8 (8 attention heads), got {args.head_dim}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Distributed set-up
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------ Distributed set-up
 
 
 def setup_distributed() -> torch.device:
@@ -189,9 +187,7 @@ def check_writable(folder: Path, flag: str) -> None:
                               f"{'not a folder' if not existing.is_dir() else 'read-only for this user'}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: a resumable sampler whose augmentations do not depend on the number of GPUs
-# ---------------------------------------------------------------------------------------------
+# --------------- Data: a resumable sampler whose augmentations do not depend on the number of GPUs
 
 
 def dataset_kwargs(name: str, split: str, run_args: dict) -> dict:
@@ -291,9 +287,7 @@ def datasets(args: argparse.Namespace, rank: int) -> tuple:
     return train_set, val_sets
 
 
-# ---------------------------------------------------------------------------------------------
-# Model, optimiser, one training step
-# ---------------------------------------------------------------------------------------------
+# ------------------------------------------------------------- Model, optimiser, one training step
 
 
 def build(args: argparse.Namespace, device: torch.device, world_size: int, *, num_classes: int) -> tuple:
@@ -329,9 +323,7 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, aut
     return losses
 
 
-# ---------------------------------------------------------------------------------------------
-# Exact resume: checkpoints with every random state
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------- Exact resume: checkpoints with every random state
 
 
 def rng_state() -> dict:
@@ -423,9 +415,7 @@ class Interrupted(Exception):
     """SIGTERM or Ctrl-C stopped training after last.pt was written."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Logging, validation and the benchmark
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------- Logging, validation and the benchmark
 
 
 class Log:
@@ -506,9 +496,7 @@ def benchmark(model, optimizer, args, device, autocast, per_rank: int) -> None:
           f"{1000 * args.batch_size / ms:.1f} images/s, peak {peak}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------- Training
 
 
 def main(args: argparse.Namespace) -> dict:
