@@ -98,13 +98,16 @@ def colorize(label: np.ndarray | torch.Tensor, palette: np.ndarray = CITYSCAPES_
     return table[label.astype(np.uint8)]
 
 
-# Cityscapes label id -> train id; GTAV and ACDC label files use the same ids (0..33).
+# Cityscapes label id -> train id (cityscapesScripts' helpers/labels.py); GTAV and ACDC label files use
+# the same ids (0..33), as the official Rein tools/convert_datasets/gta.py assumes.
 CITYSCAPES_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
                           23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-# Synthia RAND-CITYSCAPES class id (0..22) -> train id; terrain, truck and train never occur in its images.
+# Synthia RAND-CITYSCAPES class id (0..22) -> train id, from its README.txt as DAFormer's
+# tools/convert_datasets/synthia.py applies it; terrain, truck and train never occur in its images.
 SYNTHIA_ID_TO_TRAIN = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9,
                        1: 10, 10: 11, 17: 12, 8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18}
-# Mapillary names that are not one of the 19 map by the words they contain, in this order.
+# Mapillary names that are not one of the 19 map by the words they contain, in this order: the
+# rules of the official Rein tools/convert_datasets/mapillary2cityscape.py (from openseg.pytorch).
 MAPILLARY_RULES = (
     (("trafficsign", "front", "back"), 7),
     (("onrail",), 16),
