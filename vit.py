@@ -207,6 +207,15 @@ class RopePositions(nn.Module):
         return angles.sin(), angles.cos()
 
 
+def resize_positions(pos: Tensor, **size) -> Tensor:
+    """DINOv2's position embedding (1, 1 + n*n, C) resized as an n x n grid, bicubic in float32, to
+    (1, 1 + h*w, C); `size` takes F.interpolate's size or scale_factor, and antialias."""
+    grid = math.isqrt(pos.shape[1] - 1)
+    patch_pos = pos[:, 1:].float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, C, n, n)
+    patch_pos = F.interpolate(patch_pos, mode="bicubic", **size)  # (1, C, h, w)
+    return torch.cat([pos[:, :1].float(), patch_pos.flatten(2).transpose(1, 2)], dim=1)  # (1, 1 + h*w, C)
+
+
 class VisionTransformer(nn.Module):
     """DINOv2 or DINOv3 ViT: patch embedding, [cls, extra tokens, patches], blocks, final norm.
 
@@ -265,19 +274,14 @@ class VisionTransformer(nn.Module):
         positions differ slightly from a plain resize to h. The register models resize to
         (h, w) with antialiasing. Each checkpoint was trained with exactly its own rule.
         """
-        pos = self.pos_embed
         if (h, w) == (self.grid, self.grid):
-            return pos
-        cls_pos, patch_pos = pos[:, :1].float(), pos[:, 1:].float()
-        patch_pos = patch_pos.reshape(1, self.grid, self.grid, self.dim).permute(0, 3, 1, 2)  # (1, C, grid, grid)
+            return self.pos_embed
         if self.interpolate_offset:
             offset = self.interpolate_offset
             size = dict(scale_factor=((h + offset) / self.grid, (w + offset) / self.grid))
         else:
             size = dict(size=(h, w))
-        patch_pos = F.interpolate(patch_pos, mode="bicubic", antialias=self.interpolate_antialias, **size)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, self.dim)  # (1, h*w, C)
-        return torch.cat([cls_pos, patch_pos], dim=1).to(pos.dtype)
+        return resize_positions(self.pos_embed, antialias=self.interpolate_antialias, **size).to(self.pos_embed.dtype)
 
     def prepare_tokens(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Images (B, 3, H, W) -> input tokens (B, 1 + R + h*w, C) and the grid (h, w)."""
@@ -446,13 +450,8 @@ def convert_dinov2(state: dict[str, Tensor], model: VisionTransformer) -> dict[s
     if kernel.shape[-1] != p:
         converted["patch_embed.proj.weight"] = F.interpolate(kernel.float(), size=(p, p), mode="bicubic",
                                                              align_corners=False)
-    pos = state["pos_embed"]
-    grid = math.isqrt(pos.shape[1] - 1)
-    if grid != model.grid:
-        patch_pos = pos[:, 1:].float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)  # (1, C, grid, grid)
-        patch_pos = F.interpolate(patch_pos, size=(model.grid, model.grid), mode="bicubic", align_corners=False)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, model.grid**2, -1)  # (1, grid'^2, C)
-        converted["pos_embed"] = torch.cat([pos[:, :1].float(), patch_pos], dim=1)
+    if state["pos_embed"].shape[1] != 1 + model.grid**2:
+        converted["pos_embed"] = resize_positions(state["pos_embed"], size=(model.grid, model.grid))
     return converted
 
 
