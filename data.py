@@ -674,11 +674,13 @@ class Scene:
         inside = v[:, None] + u <= 1  # (h, w)
         self.instance[r0:r1, c0:c1][inside], self.depth[r0:r1, c0:c1][inside] = instance, z
 
-    def object(self, rng: np.random.Generator, kind: str, x: float, z: float, base: float = 0, cls: int = 0) -> None:
-        """One of OBJECTS centred at lateral position x and depth z, standing on height `base`."""
+    def object(self, rng: np.random.Generator, kind: str, x: float, z: float, base: float = 0,
+               cls: int | None = None) -> None:
+        """One of OBJECTS centred at lateral position x and depth z, standing on height `base`; `cls`
+        overrides its class (a rider has a person's shape)."""
         own, width, height, power, windows = OBJECTS[kind]
         w, h = rng.uniform(*width), rng.uniform(*height)
-        self.paint(self.new(cls or own), x - w / 2, x + w / 2, base, base + h, z, power)
+        self.paint(self.new(own if cls is None else cls), x - w / 2, x + w / 2, base, base + h, z, power)
         if windows:
             bottom, top = base + windows[0] * h, base + windows[1] * h
             self.paint(self.new(own, WINDOW), x - 0.38 * w, x + 0.38 * w, bottom, top, z, 6)

@@ -484,6 +484,7 @@ def main() -> None:
         load_pretrained(model, args.weights)
         print(f"loaded {args.weights}: every tensor has the official name and shape")
 
+
 if __name__ == "__main__":
     try:
         main()
