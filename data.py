@@ -16,6 +16,10 @@ domains that needs no download.
 Names: gta, synthia, cityscapes, bdd, mapillary, acdc[:fog|night|rain|snow],
 synthetic[:game|photo|fog|night|rain] and folder (root required); `gta+synthia` joins
 sources. `parse_data("gta,cityscapes=/d/cs")` reads the command-line form.
+
+Reading order: the classes and label tables, the paper's augmentation, the dataset classes
+and `build_dataset`; then where each dataset keeps its files and how they are read; last,
+the synthetic street scenes, a section of their own that a reader of the method can skip.
 """
 
 import bisect
@@ -46,35 +50,6 @@ IGNORE = 255
 # ImageNet statistics on 0-255 RGB pixels, as DINOv2 was trained with.
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
-
-
-def _fraction(x: np.ndarray) -> np.ndarray:
-    """x modulo 1, elementwise; numpy's float % is several times slower."""
-    return x - np.floor(x)
-
-
-# Colour conversions work channel-first, (3, ...): each channel is then one contiguous
-# plane, several times faster in numpy than strided (..., 3) pixels.
-
-def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-    """(3, ...) RGB in [0, 255] -> (3, ...) hue in [0, 1), saturation in [0, 1], value in [0, 255]."""
-    red, green, blue = rgb
-    value = np.maximum(np.maximum(red, green), blue)
-    chroma = value - np.minimum(np.minimum(red, green), blue)
-    safe = np.where(chroma > 0, chroma, 1)  # grey pixels: any hue, keep the division finite
-    hue = np.where(value == red, (green - blue) / safe,
-                   np.where(value == green, (blue - red) / safe + 2, (red - green) / safe + 4))
-    saturation = chroma / np.where(value > 0, value, 1)
-    return np.stack([_fraction(hue / 6), saturation, value])
-
-
-def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """(3, ...) hue in [0, 1), saturation in [0, 1], value in [0, 255] -> (3, ...) RGB in [0, 255]."""
-    hue, saturation, value = hsv[0:1], hsv[1:2], hsv[2:3]
-    # Each channel n in (R, G, B) = (5, 3, 1) falls off along the hue circle from its own peak.
-    peaks = np.array([5, 3, 1], dtype=hsv.dtype).reshape(3, *[1] * (hsv.ndim - 1))  # (3, 1, ...)
-    k = 6 * _fraction(peaks / 6 + hue)  # (3, ...) = (n + 6 hue) mod 6
-    return value * (1 - saturation * np.clip(np.minimum(k, 4 - k), 0, 1))
 
 
 def palette_for(num_classes: int) -> np.ndarray:
@@ -166,45 +141,36 @@ def label_table(name: str, root: Path | None = None, num_classes: int = 19) -> t
     return lut, is_known
 
 
-# ------------------------------------------------------------------- Reading image and label files
-
-
-def _open(path: Path, *, low_byte: bool = False) -> Image.Image:
-    """Decode an image file completely; errors name the file. `low_byte`: see _read_label."""
-    try:
-        image = Image.open(path)
-        if low_byte:
-            # Pillow keeps only the high byte of 16-bit colour PNGs; unpacking the same
-            # big-endian data as little-endian makes it keep the low byte instead.
-            image.tile = [(decoder, extents, offset, args.replace(";16B", ";16L"))
-                          for decoder, extents, offset, args in image.tile]
-        image.load()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist") from None
-    except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for corrupt or truncated files
-        raise ValueError(f"cannot read image {path}: {error}") from error
-    return image
-
-
-def _read_label(path: Path, *, first_channel: bool) -> np.ndarray:
-    """(H, W) raw label values, uint8 or wider for 16-bit files. first_channel: take the first
-    channel of a colour file (Synthia's 16-bit PNGs keep the class there); else colour is an error."""
-    image = _open(path)
-    if image.mode in ("L", "P", "1") or image.mode.startswith("I"):
-        return np.asarray(image).astype(np.uint8) if image.mode == "1" else np.asarray(image)
-    if not first_channel:
-        raise ValueError(f"label file {path} has {image.mode} pixels; expected one channel of class "
-                         "ids (an 8-bit grey or palette PNG)")
-    high = np.asarray(image)[..., 0]
-    with open(path, "rb") as file:
-        head = file.read(25)  # a PNG's bit depth is byte 24, inside its IHDR chunk
-    if head[:8] != b"\x89PNG\r\n\x1a\n" or len(head) < 25 or head[24] != 16:
-        return high
-    low = np.asarray(_open(path, low_byte=True))[..., 0]
-    return (high.astype(np.uint16) << 8) | low
-
-
 # ------------------------- Augmentation (the official configs' mmseg pipeline), test-time resizing
+
+
+def _fraction(x: np.ndarray) -> np.ndarray:
+    """x modulo 1, elementwise; numpy's float % is several times slower."""
+    return x - np.floor(x)
+
+
+# Colour conversions work channel-first, (3, ...): each channel is then one contiguous
+# plane, several times faster in numpy than strided (..., 3) pixels.
+
+def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
+    """(3, ...) RGB in [0, 255] -> (3, ...) hue in [0, 1), saturation in [0, 1], value in [0, 255]."""
+    red, green, blue = rgb
+    value = np.maximum(np.maximum(red, green), blue)
+    chroma = value - np.minimum(np.minimum(red, green), blue)
+    safe = np.where(chroma > 0, chroma, 1)  # grey pixels: any hue, keep the division finite
+    hue = np.where(value == red, (green - blue) / safe,
+                   np.where(value == green, (blue - red) / safe + 2, (red - green) / safe + 4))
+    saturation = chroma / np.where(value > 0, value, 1)
+    return np.stack([_fraction(hue / 6), saturation, value])
+
+
+def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    """(3, ...) hue in [0, 1), saturation in [0, 1], value in [0, 255] -> (3, ...) RGB in [0, 255]."""
+    hue, saturation, value = hsv[0:1], hsv[1:2], hsv[2:3]
+    # Each channel n in (R, G, B) = (5, 3, 1) falls off along the hue circle from its own peak.
+    peaks = np.array([5, 3, 1], dtype=hsv.dtype).reshape(3, *[1] * (hsv.ndim - 1))  # (3, 1, ...)
+    k = 6 * _fraction(peaks / 6 + hue)  # (3, ...) = (n + 6 hue) mod 6
+    return value * (1 - saturation * np.clip(np.minimum(k, 4 - k), 0, 1))
 
 
 def choose_crop(label: np.ndarray, crop_size: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -343,7 +309,7 @@ class SegmentationDataset(Dataset):
 
 class FileDataset(SegmentationDataset):
     """Image files paired with label files (None where the split publishes no labels) whose raw
-    values map to train ids through `table` = (lut, known) of `_table`. Values the dataset
+    values map to train ids through `table` = (lut, known) of `label_table`. Values the dataset
     does not define become 255, are counted in `unknown_pixels` and warned about once."""
 
     def __init__(self, *, pairs: list[tuple[Path, Path | None]], table: tuple[np.ndarray, np.ndarray],
@@ -422,7 +388,7 @@ class CombinedDataset(ConcatDataset):
         return dataset.augment(index, rng)
 
 
-# ---------------------------------------- Each dataset's files, laid out as its release ships them
+# --------------------------------------------------- Dataset names, the command-line form, the builder
 
 
 DATA_ROOTS = {
@@ -443,6 +409,106 @@ SPLITS = {
     "bdd": ("train", "val"), "mapillary": ("train", "val"), "acdc": ("train", "val", "test"),
     "synthetic": ("train", "val", "test"), "folder": ("train", "val", "test"),
 }
+# How many synthetic scenes each split has.
+SYNTHETIC_LENGTH = {"train": 1000, "val": 20, "test": 20}
+
+
+def _valid_names() -> str:
+    """Every accepted dataset name, for error messages."""
+    return ", ".join(f"{n}[:{'|'.join(SUBSETS[n])}]" if n in SUBSETS else n for n in SPLITS) + \
+        " (join training sources with +, e.g. gta+synthia)"
+
+
+def _split_name(name: str) -> list[tuple[str, str | None]]:
+    """'gta+acdc:night' -> [('gta', None), ('acdc', 'night')], checking every part."""
+    parts = []
+    for part in name.split("+"):
+        base, _, subset = part.strip().partition(":")
+        if base not in SPLITS:
+            raise ValueError(f"unknown dataset {base!r} in {name!r}; valid: {_valid_names()}")
+        if subset and subset not in SUBSETS.get(base, ()):
+            options = ", ".join(SUBSETS.get(base, ())) or "none"
+            raise ValueError(f"unknown subset {subset!r} of {base} in {name!r}; valid subsets: {options}")
+        parts.append((base, subset or None))
+    return parts
+
+
+def parse_data(text: str) -> list[tuple[str, str | None]]:
+    """'gta+synthia,cityscapes=/d/cs,folder=my/data' -> [(name, root or None), ...]."""
+    entries = []
+    for entry in text.split(","):
+        name, has_root, root = (piece.strip() for piece in entry.partition("="))
+        if not name:
+            raise ValueError(f"empty dataset name in {text!r}; expected NAME[=ROOT],... with NAME in "
+                             f"{_valid_names()}")
+        if has_root and not root:
+            raise ValueError(f"{entry.strip()!r} in {text!r} has '=' but no folder after it")
+        parts = _split_name(name)
+        if not root and any(base == "folder" for base, _ in parts):
+            raise ValueError(f"the folder dataset needs its path: folder=PATH (in {text!r})")
+        entries.append((name, root or None))
+    return entries
+
+
+def first_source(text: str) -> str:
+    """The dataset of the first training source in a --data value: 'gta+synthia=/a+/b' -> 'gta'."""
+    name = parse_data(text)[0][0]
+    return _split_name(name)[0][0]
+
+
+def dataset_kwargs(name: str, split: str, run_args: dict) -> dict:
+    """Synthetic scenes as a run drew them: twice as wide as its crop, from its seed."""
+    if name.startswith("synthetic"):
+        crop = run_args.get("crop_size", 512)
+        return dict(image_size=(2 * crop, crop), length=SYNTHETIC_LENGTH[split], seed=run_args.get("seed", 0))
+    return {}
+
+
+def build_dataset(name: str, root: str | Path | None, split: str, *, train: bool, crop_size: int = 512,
+                  image_size: tuple[int, int] = (512, 256), length: int = 200,
+                  seed: int = 0) -> SegmentationDataset | CombinedDataset:
+    """Dataset `name` (see the module docstring) at `root` (None: DATA_ROOTS) for `split`.
+
+    train: samples are augmented random crops (crop_size square); otherwise evaluation dicts.
+    image_size (width, height), length and seed describe the synthetic dataset only.
+    A '+' name joins sources; its root is None or one folder per source joined by '+'.
+    """
+    parts = _split_name(name)
+    if crop_size < 1 or min(image_size) < 1 or length < 1:
+        raise ValueError(f"crop_size, image_size and length must be positive, got {crop_size}, "
+                         f"{image_size}, {length}")
+    if len(parts) > 1:
+        roots = [None] * len(parts) if root is None else str(root).split("+")
+        if len(roots) != len(parts):
+            raise ValueError(f"{name!r} joins {len(parts)} datasets, so root must be None (the defaults) "
+                             f"or {len(parts)} folders joined by '+', got {root!r}")
+        members = [build_dataset(f"{b}:{s}" if s else b, r or None, split, train=train, crop_size=crop_size,
+                                 image_size=image_size, length=length, seed=seed)
+                   for (b, s), r in zip(parts, roots)]
+        return CombinedDataset(members, name=name)
+    base, subset = parts[0]
+    if split not in SPLITS[base]:
+        raise ValueError(f"{base} has splits {', '.join(SPLITS[base])}; got {split!r}")
+    if base == "synthetic":
+        if root is not None:
+            raise ValueError(f"the synthetic dataset is generated and takes no root, got {root!r}")
+        members = [SyntheticDataset(domain=domain, split=split, length=length, image_size=tuple(image_size),
+                                    seed=seed, train=train, crop_size=crop_size)
+                   for domain in ([subset] if subset else SYNTHETIC_DOMAINS)]
+        return members[0] if subset else CombinedDataset(members, name="synthetic")
+    if root is None and base == "folder":
+        raise ValueError("the folder dataset needs a root: folder=PATH")
+    root = Path(root if root is not None else DATA_ROOTS[base]).expanduser()
+    found = LAYOUTS[base](root, split, subset)
+    if train and any(label is None for _, label in found["pairs"]):
+        raise ValueError(f"{base} publishes no labels for its {split} split; it cannot be used for training")
+    return FileDataset(**{"classes": CITYSCAPES_CLASSES} | found, name=str(root) if base == "folder" else name,
+                       train=train, crop_size=crop_size, test_size=TEST_SIZES.get(base))
+
+
+# ---------------------------------------- Each dataset's files, laid out as its release ships them
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 
@@ -611,6 +677,44 @@ LAYOUTS = {
     "gta": _gta_files, "synthia": _synthia_files, "cityscapes": _cityscapes_files, "bdd": _bdd_files,
     "mapillary": _mapillary_files, "acdc": _acdc_files, "folder": _folder_files,
 }
+
+
+# ------------------------------------------------------------------- Reading image and label files
+
+
+def _open(path: Path, *, low_byte: bool = False) -> Image.Image:
+    """Decode an image file completely; errors name the file. `low_byte`: see _read_label."""
+    try:
+        image = Image.open(path)
+        if low_byte:
+            # Pillow keeps only the high byte of 16-bit colour PNGs; unpacking the same
+            # big-endian data as little-endian makes it keep the low byte instead.
+            image.tile = [(decoder, extents, offset, args.replace(";16B", ";16L"))
+                          for decoder, extents, offset, args in image.tile]
+        image.load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for corrupt or truncated files
+        raise ValueError(f"cannot read image {path}: {error}") from error
+    return image
+
+
+def _read_label(path: Path, *, first_channel: bool) -> np.ndarray:
+    """(H, W) raw label values, uint8 or wider for 16-bit files. first_channel: take the first
+    channel of a colour file (Synthia's 16-bit PNGs keep the class there); else colour is an error."""
+    image = _open(path)
+    if image.mode in ("L", "P", "1") or image.mode.startswith("I"):
+        return np.asarray(image).astype(np.uint8) if image.mode == "1" else np.asarray(image)
+    if not first_channel:
+        raise ValueError(f"label file {path} has {image.mode} pixels; expected one channel of class "
+                         "ids (an 8-bit grey or palette PNG)")
+    high = np.asarray(image)[..., 0]
+    with open(path, "rb") as file:
+        head = file.read(25)  # a PNG's bit depth is byte 24, inside its IHDR chunk
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or len(head) < 25 or head[24] != 16:
+        return high
+    low = np.asarray(_open(path, low_byte=True))[..., 0]
+    return (high.astype(np.uint16) << 8) | low
 
 
 # -------------------------------------------------------------- The synthetic multi-domain dataset
@@ -865,91 +969,3 @@ class SyntheticDataset(SegmentationDataset):
         domain_rng = np.random.default_rng(key + [1 + SYNTHETIC_DOMAINS.index(self.domain)])
         image = render_scene(instance, materials, depth, self.domain, domain_rng)
         return image, np.take(classes.astype(np.uint8), instance)
-
-
-# ---------------------------------------------------- Names, the command-line form and the builder
-
-
-def _valid_names() -> str:
-    """Every accepted dataset name, for error messages."""
-    return ", ".join(f"{n}[:{'|'.join(SUBSETS[n])}]" if n in SUBSETS else n for n in SPLITS) + \
-        " (join training sources with +, e.g. gta+synthia)"
-
-
-def _split_name(name: str) -> list[tuple[str, str | None]]:
-    """'gta+acdc:night' -> [('gta', None), ('acdc', 'night')], checking every part."""
-    parts = []
-    for part in name.split("+"):
-        base, _, subset = part.strip().partition(":")
-        if base not in SPLITS:
-            raise ValueError(f"unknown dataset {base!r} in {name!r}; valid: {_valid_names()}")
-        if subset and subset not in SUBSETS.get(base, ()):
-            options = ", ".join(SUBSETS.get(base, ())) or "none"
-            raise ValueError(f"unknown subset {subset!r} of {base} in {name!r}; valid subsets: {options}")
-        parts.append((base, subset or None))
-    return parts
-
-
-def parse_data(text: str) -> list[tuple[str, str | None]]:
-    """'gta+synthia,cityscapes=/d/cs,folder=my/data' -> [(name, root or None), ...]."""
-    entries = []
-    for entry in text.split(","):
-        name, has_root, root = (piece.strip() for piece in entry.partition("="))
-        if not name:
-            raise ValueError(f"empty dataset name in {text!r}; expected NAME[=ROOT],... with NAME in "
-                             f"{_valid_names()}")
-        if has_root and not root:
-            raise ValueError(f"{entry.strip()!r} in {text!r} has '=' but no folder after it")
-        parts = _split_name(name)
-        if not root and any(base == "folder" for base, _ in parts):
-            raise ValueError(f"the folder dataset needs its path: folder=PATH (in {text!r})")
-        entries.append((name, root or None))
-    return entries
-
-
-def first_source(text: str) -> str:
-    """The dataset of the first training source in a --data value: 'gta+synthia=/a+/b' -> 'gta'."""
-    name = parse_data(text)[0][0]
-    return _split_name(name)[0][0]
-
-
-def build_dataset(name: str, root: str | Path | None, split: str, *, train: bool, crop_size: int = 512,
-                  image_size: tuple[int, int] = (512, 256), length: int = 200,
-                  seed: int = 0) -> SegmentationDataset | CombinedDataset:
-    """Dataset `name` (see the module docstring) at `root` (None: DATA_ROOTS) for `split`.
-
-    train: samples are augmented random crops (crop_size square); otherwise evaluation dicts.
-    image_size (width, height), length and seed describe the synthetic dataset only.
-    A '+' name joins sources; its root is None or one folder per source joined by '+'.
-    """
-    parts = _split_name(name)
-    if crop_size < 1 or min(image_size) < 1 or length < 1:
-        raise ValueError(f"crop_size, image_size and length must be positive, got {crop_size}, "
-                         f"{image_size}, {length}")
-    if len(parts) > 1:
-        roots = [None] * len(parts) if root is None else str(root).split("+")
-        if len(roots) != len(parts):
-            raise ValueError(f"{name!r} joins {len(parts)} datasets, so root must be None (the defaults) "
-                             f"or {len(parts)} folders joined by '+', got {root!r}")
-        members = [build_dataset(f"{b}:{s}" if s else b, r or None, split, train=train, crop_size=crop_size,
-                                 image_size=image_size, length=length, seed=seed)
-                   for (b, s), r in zip(parts, roots)]
-        return CombinedDataset(members, name=name)
-    base, subset = parts[0]
-    if split not in SPLITS[base]:
-        raise ValueError(f"{base} has splits {', '.join(SPLITS[base])}; got {split!r}")
-    if base == "synthetic":
-        if root is not None:
-            raise ValueError(f"the synthetic dataset is generated and takes no root, got {root!r}")
-        members = [SyntheticDataset(domain=domain, split=split, length=length, image_size=tuple(image_size),
-                                    seed=seed, train=train, crop_size=crop_size)
-                   for domain in ([subset] if subset else SYNTHETIC_DOMAINS)]
-        return members[0] if subset else CombinedDataset(members, name="synthetic")
-    if root is None and base == "folder":
-        raise ValueError("the folder dataset needs a root: folder=PATH")
-    root = Path(root if root is not None else DATA_ROOTS[base]).expanduser()
-    found = LAYOUTS[base](root, split, subset)
-    if train and any(label is None for _, label in found["pairs"]):
-        raise ValueError(f"{base} publishes no labels for its {split} split; it cannot be used for training")
-    return FileDataset(**{"classes": CITYSCAPES_CLASSES} | found, name=str(root) if base == "folder" else name,
-                       train=train, crop_size=crop_size, test_size=TEST_SIZES.get(base))

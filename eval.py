@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import warnings
 from collections import Counter
@@ -33,7 +34,6 @@ from tqdm import tqdm
 
 import data
 import rein
-import train
 import vit
 
 # --------------------------------------------------------------------------------------- Inference
@@ -180,6 +180,44 @@ def save_prediction(path: Path, pred: np.ndarray, fmt: str, *, rgb: np.ndarray, 
     Image.fromarray(np.ascontiguousarray(picture, dtype=np.uint8)).save(path)
 
 
+# ----------------------------------------- The distributed set-up and the checks both command lines share
+
+
+def setup_distributed() -> torch.device:
+    """Reads torchrun's environment; NCCL on CUDA, gloo on CPU. Returns this process's device."""
+    if "LOCAL_RANK" not in os.environ:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        # The device is chosen before the process group, so NCCL binds to the right GPU.
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM and Ctrl-C to the main process, which saves a checkpoint
+    and shuts them down; a worker that died first would fail the loader in the middle of a step."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def check_writable(folder: Path, flag: str) -> None:
+    """Fails before any work if `folder` (given as `flag`) could not be created or written to.
+    Creates nothing: a run that fails to start leaves no folder behind."""
+    existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {folder} is not writable: {existing} is "
+                              f"{'not a folder' if not existing.is_dir() else 'read-only for this user'}")
+
+
 # ---------------------------------------------------------------- Evaluation, alone or distributed
 
 
@@ -192,11 +230,11 @@ def evaluate(model: rein.Segmenter, dataset, *, device: torch.device, slide: boo
     whatever the dataset size. With `save_dir`, predictions are written as PNGs named
     after the image (the first `save_limit` of each process only, if given).
     """
-    rank, world_size = train.world()
+    rank, world_size = world()
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(shard, batch_size=None, num_workers=workers,
-                                         pin_memory=device.type == "cuda", worker_init_fn=train.ignore_stop_signals)
+                                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
     K = dataset.num_classes
     conf = torch.zeros(K, K, dtype=torch.int64, device=device)
     to_raw = train_to_raw_ids(dataset.lut) if fmt == "labelids" else None
@@ -269,7 +307,7 @@ def load_checkpoint(path: str | Path, weights: str | None = None) -> tuple[rein.
     file (an mmengine checkpoint with decode_head.* weights) goes through rein.from_official,
     with `weights` naming its DINOv2 backbone.
     """
-    ckpt = vit.load_file(path, what="a train.py checkpoint or an official Rein release file")
+    ckpt = vit.read_file(path, what="a train.py checkpoint or an official Rein release file")
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         return rein.from_official(path, weights), {}
     if isinstance(ckpt, dict) and "cls_token" in ckpt:
@@ -323,7 +361,7 @@ def predict_images(model: rein.Segmenter, paths: list[str], save_dir: Path, *, d
                    classes: tuple[str, ...], palette: np.ndarray) -> int:
     """Coloured predictions for the user's own pictures, seen at `test_size` (long, short) or as
     they are (None); files that are not images are skipped with a warning."""
-    rank, world_size = train.world()
+    rank, world_size = world()
     written = 0
     for f, out in tqdm(image_outputs(paths, save_dir)[rank::world_size], desc="predict", disable=rank > 0):
         try:
@@ -367,18 +405,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key in ("window", "stride", "batch_size"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    if args.workers < 0:
-        p.error(f"--workers must be at least 0, got {args.workers}")
     if not args.image and not args.data:
         p.error("say what to evaluate: --data NAME[=ROOT],... or --image PATH")
     return args
 
 
 def main(args: argparse.Namespace) -> dict | None:
-    device = train.setup_distributed()
-    rank, _ = train.world()
+    device = setup_distributed()
+    rank, _ = world()
     if args.save_dir:
-        train.check_writable(args.save_dir, "--save-dir")
+        check_writable(args.save_dir, "--save-dir")
     model, ckpt = load_checkpoint(args.ckpt, args.weights)
     model.to(device)
     trained = ckpt.get("args", {})
@@ -398,7 +434,7 @@ def main(args: argparse.Namespace) -> dict | None:
         print(f"rank {rank}: wrote {n} predictions to {args.save_dir}")
     else:
         datasets = [data.build_dataset(name, root, args.split, train=False,
-                                       **train.dataset_kwargs(name, args.split, trained))
+                                       **data.dataset_kwargs(name, args.split, trained))
                     for name, root in data.parse_data(args.data)]
         for ds in datasets:
             if ds.num_classes != model.config["num_classes"]:

@@ -3,8 +3,8 @@
 Mask2Former (Cheng et al., CVPR 2022) as the Rein paper builds it from mmdet 3.x: a pixel
 decoder of multi-scale deformable attention (Deformable DETR, Zhu et al., ICLR 2021), a
 masked-attention transformer decoder, Hungarian matching and a set loss on sampled points.
-Parameters carry the official names where that stays readable; `rein.OFFICIAL_NAMES` maps
-the rest, so that the official release checkpoints load one to one.
+Parameters carry mmdet's names where that stays readable; `OFFICIAL_NAMES` maps the rest,
+so that the official release checkpoints load one to one.
 
     head = MaskHead(in_dim=1024, num_classes=19, rein_queries=True)
     predictions, features = head(maps, queries)  # 10 x (class (B, Q, K+1), mask embedding (B, Q, C)), (B, C, 4h, 4w)
@@ -21,9 +21,8 @@ Reading order: positions, the pixel decoder, the transformer decoder, the head, 
 matching (`linear_sum_assignment_batch`, written in numpy), the set loss, semantic inference.
 """
 
-import itertools
 import math
-import warnings
+import re
 
 import numpy as np
 import torch
@@ -35,6 +34,36 @@ NUM_LEVELS = 3  # the decoder attends to strides 32, 16, 8 in turn
 IGNORE = 255
 Predictions = list[tuple[Tensor, Tensor]]  # per prediction: class logits (B, Q, K+1), mask embeddings (B, Q, C)
 Targets = list[tuple[Tensor, Tensor]]  # per image: classes (T,), binary masks (T, H, W)
+
+
+# Our parameter names -> mmdet's (the official release stores them under decode_head.), first
+# match wins; names that match nothing are mmdet's already.
+OFFICIAL_NAMES = (
+    (r"^query_proj\.", "querys2feat."),
+    (r"^post_norm\.", "transformer_decoder.post_norm."),
+    (r"^layers\.(\d+)\.(cross|self)_attn\.in_proj\.", r"transformer_decoder.layers.\1.\2_attn.attn.in_proj_"),
+    (r"^layers\.(\d+)\.(cross|self)_attn\.out_proj\.", r"transformer_decoder.layers.\1.\2_attn.attn.out_proj."),
+    (r"^layers\.(\d+)\.cross_norm\.", r"transformer_decoder.layers.\1.norms.0."),
+    (r"^layers\.(\d+)\.self_norm\.", r"transformer_decoder.layers.\1.norms.1."),
+    (r"^layers\.(\d+)\.ffn_norm\.", r"transformer_decoder.layers.\1.norms.2."),
+    (r"^layers\.(\d+)\.ffn\.0\.", r"transformer_decoder.layers.\1.ffn.layers.0.0."),
+    (r"^layers\.(\d+)\.ffn\.2\.", r"transformer_decoder.layers.\1.ffn.layers.1."),
+    (r"^pixel_decoder\.encoder\.(\d+)\.attn_norm\.", r"pixel_decoder.encoder.layers.\1.norms.0."),
+    (r"^pixel_decoder\.encoder\.(\d+)\.ffn_norm\.", r"pixel_decoder.encoder.layers.\1.norms.1."),
+    (r"^pixel_decoder\.encoder\.(\d+)\.ffn\.0\.", r"pixel_decoder.encoder.layers.\1.ffn.layers.0.0."),
+    (r"^pixel_decoder\.encoder\.(\d+)\.ffn\.2\.", r"pixel_decoder.encoder.layers.\1.ffn.layers.1."),
+    (r"^pixel_decoder\.encoder\.(\d+)\.", r"pixel_decoder.encoder.layers.\1."),
+    (r"^pixel_decoder\.lateral_conv\.", "pixel_decoder.lateral_convs.0."),
+    (r"^pixel_decoder\.output_conv\.", "pixel_decoder.output_convs.0."),
+)
+
+
+def official_name(name: str) -> str:
+    """A head parameter's name (e.g. 'layers.0.ffn.2.weight') -> mmdet's ('transformer_decoder.layers.0.ffn.layers.1.weight')."""
+    for pattern, official in OFFICIAL_NAMES:
+        if re.match(pattern, name):
+            return re.sub(pattern, official, name)
+    return name
 
 
 # --------------------------------------------------------------------------------------- positions
@@ -94,49 +123,6 @@ class ConvGN(nn.Module):
         return self.gn(x)
 
 
-class BilinearRows(torch.autograd.Function):
-    """out[i] = sum_j sum_c coef[i, j, c] * rows[corners[top[i, j], c]]: weighted sums of 2 x 2 blocks of rows.
-
-    rows (R, d); corners (R, 4): the rows of the 2 x 2 block whose top-left row is r;
-    top (N, k): the top-left rows of k blocks; coef (N, k, 4) -> (N, d). embedding_bag
-    computes it without materialising the N*k*4 gathered rows. The rows' gradient is the
-    same operation run the other way, the terms grouped by top-left row, so that one sort
-    of N*k rows serves all 4 corners; the coefficients' gradient is a sampled matrix
-    product. On CPU the two take less than half the time of embedding_bag's own backward.
-    """
-
-    @staticmethod
-    def forward(ctx, rows: Tensor, corners: Tensor, top: Tensor, coef: Tensor) -> Tensor:
-        ctx.save_for_backward(rows, corners, top, coef)  # not the 4x larger index: gathered again
-        N = top.shape[0]
-        return F.embedding_bag(corners[top].view(N, -1), rows, per_sample_weights=coef.view(N, -1), mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, Tensor]:
-        rows, corners, top, coef = ctx.saved_tensors
-        N, k = top.shape
-        # d out[i] / d coef[i, j, c] = rows[corners[top[i, j], c]], so the coefficients' gradient is
-        # grad @ rows.T at the (i, row) pairs used: a sampled product, computed for those alone.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # PyTorch calls sparse CSR tensors a beta feature
-            starts = torch.arange(0, N * k * 4 + 1, k * 4, dtype=torch.int32, device=grad.device)
-            used = torch.sparse_csr_tensor(starts, corners[top].flatten(), coef.flatten(), size=(N, len(rows)),
-                                           check_invariants=False)  # its values do not count: beta=0
-            grad_coef = torch.sparse.sampled_addmm(used, grad, rows.T, beta=0).values()
-        # d loss / d rows[corners[r, c]] = sum over the (i, j) with top[i, j] == r of coef[i, j, c] * grad[i].
-        top = top.flatten()
-        order = torch.sort(top, stable=True).indices
-        counts = torch.bincount(top, minlength=rows.shape[0]).int()
-        offsets = counts.cumsum(0, dtype=torch.int32) - counts
-        source = torch.div(order, k, rounding_mode="floor").int()  # the output row of each term
-        coef = coef.view(N * k, 4)[order].T.contiguous()  # (4, N*k) in the sorted order
-        grad_rows = torch.zeros_like(rows)
-        for c in range(4):
-            grad_rows.index_add_(0, corners[:, c].long(), F.embedding_bag(source, grad, offsets,
-                                                                          per_sample_weights=coef[c], mode="sum"))
-        return grad_rows, None, None, grad_coef.view(N, k, 4)
-
-
 def sample_levels(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor, weights: Tensor) -> Tensor:
     """The core of deformable attention: weighted bilinear samples of every level, summed.
 
@@ -145,68 +131,20 @@ def sample_levels(value: Tensor, shapes: list[tuple[int, int]], locations: Tenso
     [0, 1] of P points per level; weights (B, Lq, M, L, P). Returns (B, Lq, M*d).
 
     One grid_sample per level (bilinear, align_corners=False, zeros outside the map), as
-    mmcv's PyTorch path computes it. On CUDA grid_sample's own kernel makes this the fastest
-    form; on CPU `sample_levels_by_blocks` gives the same sums about twice as fast.
+    mmcv's PyTorch path computes it, on every device.
     """
     B, _, M, d = value.shape
     _, Lq, _, L, P, _ = locations.shape
     levels = value.split([h * w for h, w in shapes], dim=1)  # L x (B, h*w, M, d)
-    sampled = []
+    grids = locations.transpose(1, 2).flatten(0, 1) * 2 - 1  # (B*M, Lq, L, P, 2) in [-1, 1]
+    attention = weights.transpose(1, 2).flatten(0, 1)[:, None]  # (B*M, 1, Lq, L, P)
+    out = 0
     for level, (h, w) in enumerate(shapes):
         maps = levels[level].permute(0, 2, 3, 1).reshape(B * M, d, h, w)  # (B*M, d, h, w)
-        grid = locations[:, :, :, level].transpose(1, 2).flatten(0, 1) * 2 - 1  # (B*M, Lq, P, 2) in [-1, 1]
-        sampled.append(F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-    sampled = torch.stack(sampled, dim=-2).flatten(-2)  # (B*M, d, Lq, L*P)
-    attention = weights.transpose(1, 2).reshape(B * M, 1, Lq, L * P)
-    return (sampled * attention).sum(-1).view(B, M * d, Lq).transpose(1, 2)  # (B, Lq, M*d)
-
-
-def sample_levels_by_blocks(value: Tensor, shapes: list[tuple[int, int]], locations: Tensor,
-                            weights: Tensor) -> Tensor:
-    """`sample_levels` as one weighted sum of 2 x 2 blocks of rows per query and head, the form
-    the CPU runs: there about twice as fast as one grid_sample per level. Same arguments and result.
-
-    A point mixes the 2 x 2 pixels around it. Each level gets a border of zero pixels, so
-    that every point within a pixel of the map has its 4 pixels in the padded level; folding
-    their bilinear weights into the attention weight turns the whole attention into one
-    weighted sum of L*P 2 x 2 blocks of `value` per query and head (`BilinearRows`).
-    """
-    B, _, M, d = value.shape
-    _, Lq, _, L, P, _ = locations.shape
-    device = value.device
-    levels = value.transpose(1, 2).split([h * w for h, w in shapes], dim=2)  # L x (B, M, h*w, d)
-    padded = [F.pad(v.unflatten(2, size), (0, 0, 1, 1, 1, 1)).flatten(2, 3)  # (B, M, (h+2)*(w+2), d)
-              for v, size in zip(levels, shapes)]
-    # float32 under autocast too: the backward's sampled_addmm has no bf16 kernel.
-    rows = torch.cat(padded, dim=2).reshape(-1, d).float()  # (B*M*Lp, d)
-    sizes = [(h + 2) * (w + 2) for h, w in shapes]  # rows of each padded level; Lp = sum(sizes)
-    # The rows of the 2 x 2 block whose top-left pixel is each row; blocks that would leave
-    # their level are never used.
-    step = torch.cat([torch.tensor([0, 1, w + 2, w + 3], device=device).expand(size, 4)
-                      for (_, w), size in zip(shapes, sizes)])  # (Lp, 4)
-    corners = (torch.arange(len(rows), device=device)[:, None] + step.repeat(B * M, 1)).clamp(max=len(rows) - 1)
-    # x, y in pixels of the padded level, pixel centres at integers.
-    width = torch.tensor([w for _, w in shapes], dtype=torch.int32, device=device)[:, None]  # (L, 1)
-    height = torch.tensor([h for h, _ in shapes], dtype=torch.int32, device=device)[:, None]
-    x = locations[..., 0].float() * width + 0.5  # (B, Lq, M, L, P)
-    y = locations[..., 1].float() * height + 0.5
-    x0, y0 = x.floor(), y.floor()
-    # A point more than a pixel outside its level samples only zeros.
-    inside = (x0 >= 0) & (x0 <= width) & (y0 >= 0) & (y0 <= height)
-    level_start = torch.tensor([0, *itertools.accumulate(sizes)][:-1], device=device)
-    first = (torch.arange(B, device=device)[:, None] * M + torch.arange(M, device=device)) * sum(sizes)  # (B, M)
-    first = (first[:, None, :, None, None] + level_start[:, None]).int()  # (B, 1, M, L, 1)
-    top = first + y0.int().clamp(0).minimum(height) * (width + 2) + x0.int().clamp(0).minimum(width)
-    # The 4 pixels' weights: the attention weight split between the two rows by y - y0, then
-    # each row's share between its two columns by x - x0.
-    weights = weights * inside
-    bottom = weights * (y - y0)
-    upper = weights - bottom
-    upper_right, bottom_right = upper * (x - x0), bottom * (x - x0)
-    coef = torch.stack([upper - upper_right, upper_right, bottom - bottom_right, bottom_right], dim=-1)
-    out = BilinearRows.apply(rows, corners.int(), top.view(B * Lq * M, L * P),
-                             coef.view(B * Lq * M, L * P, 4).float())
-    return out.view(B, Lq, M * d).to(value.dtype)
+        sampled = F.grid_sample(maps, grids[:, :, level], mode="bilinear", padding_mode="zeros",
+                                align_corners=False)  # (B*M, d, Lq, P)
+        out = out + (sampled * attention[..., level, :]).sum(-1)  # (B*M, d, Lq)
+    return out.view(B, M * d, Lq).transpose(1, 2)  # (B, Lq, M*d)
 
 
 class DeformableAttention(nn.Module):
@@ -250,8 +188,7 @@ class DeformableAttention(nn.Module):
         size = torch.tensor([(w, h) for h, w in shapes], device=query.device)  # (L, 2)
         # The same reference point on every level; an offset of one pixel is 1/w (or 1/h) there.
         locations = reference[:, None, None, None, :] + offsets / size[:, None]  # (B, Lq, M, L, P, 2)
-        sample = sample_levels if value.is_cuda else sample_levels_by_blocks  # the faster form on each
-        return self.output_proj(sample(value, shapes, locations, weights))
+        return self.output_proj(sample_levels(value, shapes, locations, weights))
 
 
 class EncoderLayer(nn.Module):
@@ -461,7 +398,79 @@ class MaskHead(nn.Module):
         return self.cls_embed(x), self.mask_embed(x)
 
 
-# ---------------------------------------------------------------------------------------- matching
+# ------------------------------------------------------------------------ targets and matching
+
+
+def make_targets(labels: Tensor, num_classes: int) -> Targets:
+    """labels (B, H, W) -> per image (classes (T,), masks (T, H, W) float), one mask per class present."""
+    bad = (labels < 0) | ((labels >= num_classes) & (labels != IGNORE))
+    if bad.any():
+        raise ValueError(f"labels must hold class ids 0..{num_classes - 1} or {IGNORE} (ignore); "
+                         f"found {labels[bad].unique().tolist()}")
+    targets = []
+    for label in labels:
+        # Counting beats unique(), which sorts every pixel; ignored pixels belong to no mask.
+        classes = torch.bincount(label.flatten(), minlength=num_classes)[:num_classes].nonzero()[:, 0]
+        targets.append((classes, (label == classes[:, None, None]).float()))  # (T,), (T, H, W)
+    return targets
+
+
+def point_sample(masks: Tensor, points: Tensor) -> Tensor:
+    """Bilinear values of masks (N, h, w) at points (N, P, 2), (x, y) in [-1, 1] -> (N, P)."""
+    return F.grid_sample(masks[:, None], points[:, :, None], align_corners=False)[:, 0, :, 0]
+
+
+class HungarianMatcher:
+    """mmdet's Mask2Former matching: each target (a class present in the image) gets the query
+    whose prediction costs least, one query per target, for every prediction of the head.
+
+    cost = class_weight * (-class probability) + mask_weight * mask BCE + dice_weight * dice,
+    the mask terms on `num_points` random points shared by queries and targets.
+    """
+
+    def __init__(self, *, num_points: int = 12544, class_weight: float = 2.0, mask_weight: float = 5.0,
+                 dice_weight: float = 5.0):
+        self.num_points = num_points
+        self.class_weight, self.mask_weight, self.dice_weight = class_weight, mask_weight, dice_weight
+
+    @torch.no_grad()
+    def __call__(self, predictions: Predictions, features: Tensor, targets: Targets) -> list[Tensor]:
+        """Per image int64 (L, T): the query matched to each target in each of the L predictions,
+        -1 if none (more targets than queries). An image's L cost matrices go to the CPU
+        together and are solved in one batch."""
+        matches = []
+        for b, (classes, masks) in enumerate(targets):
+            if not len(classes):  # no labelled pixel
+                matches.append(torch.empty(len(predictions), 0, dtype=torch.int64, device=classes.device))
+                continue
+            cost = self.cost([(c[b], e[b]) for c, e in predictions], features[b], classes, masks)  # (L, Q, T)
+            rows, cols = linear_sum_assignment_batch(cost.cpu().numpy())  # queries (L, n), targets (L, n)
+            query = np.full(cost.shape[::2], -1)
+            np.put_along_axis(query, cols, rows, 1)
+            matches.append(torch.from_numpy(query).to(classes.device))
+        return matches
+
+    def cost(self, predictions: list[tuple[Tensor, Tensor]], features: Tensor, classes: Tensor,
+             masks: Tensor) -> Tensor:
+        """One image: L x (class logits (Q, K+1), mask embeddings (Q, C)), features (C, h, w), its
+        targets' classes (T,) and masks (T, H, W) -> the cost (L, Q, T) of every query for every target."""
+        L, P = len(predictions), self.num_points
+        h, w = features.shape[-2:]
+        prob = torch.stack([c for c, _ in predictions]).softmax(-1)  # (L, Q, K+1)
+        embedding = torch.stack([e for _, e in predictions])  # (L, Q, C)
+        points = torch.rand(L, P, 2, device=features.device) * 2 - 1  # one set per prediction
+        # The masks, no gradient, as one product (h*w, L*Q) seen as (L, Q, h, w): channels
+        # last, which grid_sample reads about three times faster on CPU than row-major.
+        pred = (features.flatten(1).T @ embedding.flatten(0, 1).T).view(h, w, L, -1).permute(2, 3, 0, 1)
+        pred = F.grid_sample(pred, points[:, None], align_corners=False)[:, :, 0]  # (L, Q, P)
+        target = F.grid_sample(masks[None].contiguous(memory_format=torch.channels_last), points[None],
+                               align_corners=False)[0].transpose(0, 1)  # (L, T, P), read channels last too
+        # BCE(x, t) = softplus(x) - x * t, so its mean over the points is one contraction.
+        cost_mask = (F.softplus(pred).sum(-1, keepdim=True) - torch.einsum("lqp,ltp->lqt", pred, target)) / P
+        sig = pred.sigmoid()
+        overlap = torch.einsum("lqp,ltp->lqt", sig, target)
+        cost_dice = 1 - (2 * overlap + 1) / (sig.sum(-1)[:, :, None] + target.sum(-1)[:, None, :] + 1)
+        return -self.class_weight * prob[:, :, classes] + self.mask_weight * cost_mask + self.dice_weight * cost_dice
 
 
 def linear_sum_assignment_batch(costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -539,18 +548,12 @@ def _shortest_augmenting_paths(cost: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------ the set loss
 
 
-def point_sample(masks: Tensor, points: Tensor) -> Tensor:
-    """Bilinear values of masks (N, h, w) at points (N, P, 2), (x, y) in [-1, 1] -> (N, P)."""
-    return F.grid_sample(masks[:, None], points[:, :, None], align_corners=False)[:, 0, :, 0]
-
-
 class SetCriterion(nn.Module):
     """Mask2Former's set loss, with mmdet's weights.
 
-    For each of the head's predictions (deep supervision): match queries to the classes
-    present in each image (Hungarian, on class probability, mask BCE and dice), then a
-    class loss over all queries ("no object" for the unmatched ones) and BCE and dice
-    losses of the matched masks on `num_points` points, never on full-resolution masks.
+    For each of the head's predictions (deep supervision), after `HungarianMatcher`: a class
+    loss over all queries ("no object" for the unmatched ones), and BCE and dice losses of
+    the matched masks on `num_points` points, never on full-resolution masks.
     """
 
     def __init__(self, *, num_classes: int, num_points: int = 12544, oversample_ratio: float = 3.0,
@@ -560,6 +563,8 @@ class SetCriterion(nn.Module):
         self.num_classes, self.num_points = num_classes, num_points
         self.oversample_ratio, self.importance_ratio = oversample_ratio, importance_ratio
         self.class_weight, self.mask_weight, self.dice_weight = class_weight, mask_weight, dice_weight
+        self.matcher = HungarianMatcher(num_points=num_points, class_weight=class_weight, mask_weight=mask_weight,
+                                        dice_weight=dice_weight)
         self.register_buffer("ce_weight", torch.tensor([1.0] * num_classes + [no_object_weight]), persistent=False)
 
     def forward(self, predictions: Predictions, mask_features: Tensor, labels: Tensor) -> dict[str, Tensor]:
@@ -569,68 +574,24 @@ class SetCriterion(nn.Module):
         Returns float32 scalars: 'loss' (the weighted total) and 'loss_ce', 'loss_mask',
         'loss_dice', each summed over the L predictions.
         """
-        targets = self.targets(labels)
+        targets = make_targets(labels, self.num_classes)
         with torch.autocast(labels.device.type, enabled=False):  # the loss in float32 under bf16
             predictions = [(c.float(), e.float()) for c, e in predictions]
             features = mask_features.float()
-            matches = self.match(predictions, features, targets)  # per image (L, T): the query of each target
+            matches = self.matcher(predictions, features, targets)  # per image (L, T): the query of each target
             num_masks, ce_weight_sum = self.normalisers(targets, num_queries=predictions[0][0].shape[1])
-            loss_ce = sum(self.class_loss(class_logits, targets, [match[i] for match in matches])
-                          for i, (class_logits, _) in enumerate(predictions)) / ce_weight_sum
-            loss_mask, loss_dice = self.mask_losses([e for _, e in predictions], features, targets, matches)
-            loss_mask, loss_dice = loss_mask / num_masks, loss_dice / num_masks
+            # Each image's features once: a slice per image and prediction would fill a
+            # zero gradient of the whole batch's features for each in the backward.
+            per_image = features.unbind(0)
+            loss_ce = loss_mask = loss_dice = 0
+            for i, (class_logits, embedding) in enumerate(predictions):
+                queries = [match[i] for match in matches]  # per image (T,)
+                loss_ce = loss_ce + self.class_loss(class_logits, targets, queries)
+                bce, dice = self.mask_losses(embedding, per_image, targets, queries)
+                loss_mask, loss_dice = loss_mask + bce, loss_dice + dice
+            loss_ce, loss_mask, loss_dice = loss_ce / ce_weight_sum, loss_mask / num_masks, loss_dice / num_masks
         loss = self.class_weight * loss_ce + self.mask_weight * loss_mask + self.dice_weight * loss_dice
         return {"loss": loss, "loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice}
-
-    def targets(self, labels: Tensor) -> Targets:
-        """labels (B, H, W) -> per image (classes (T,), masks (T, H, W) float), one mask per class present."""
-        values = labels.unique()
-        bad = values[(values < 0) | ((values >= self.num_classes) & (values != IGNORE))]
-        if bad.numel():
-            raise ValueError(f"SetCriterion: labels must hold class ids 0..{self.num_classes - 1} or {IGNORE} "
-                             f"(ignore); found {bad.tolist()}.")
-        targets = []
-        for label in labels:
-            classes = label.unique()
-            classes = classes[classes != IGNORE]  # ignored pixels belong to no mask
-            targets.append((classes, (label == classes[:, None, None]).float()))  # (T,), (T, H, W)
-        return targets
-
-    @torch.no_grad()
-    def match(self, predictions: Predictions, features: Tensor, targets: Targets) -> list[Tensor]:
-        """Per image int64 (L, T): the query matched to each target in each prediction, -1 if none.
-
-        The cost is 2 * (-class probability) + 5 * mask BCE + 5 * dice, the mask terms on
-        random points shared by queries and targets. An image's L cost matrices go to the
-        CPU together and are solved in one batch.
-        """
-        L, P = len(predictions), self.num_points
-        h, w = features.shape[-2:]
-        matches = []
-        for b, (classes, masks) in enumerate(targets):
-            if not len(classes):  # no labelled pixel
-                matches.append(torch.empty(L, 0, dtype=torch.int64, device=classes.device))
-                continue
-            prob = torch.stack([c[b] for c, _ in predictions]).softmax(-1)  # (L, Q, K+1)
-            points = torch.rand(L, P, 2, device=features.device) * 2 - 1  # one set per prediction
-            embedding = torch.stack([e[b] for _, e in predictions])  # (L, Q, C)
-            # The masks, no gradient, as one product (h*w, L*Q) seen as (L, Q, h, w): channels
-            # last, which grid_sample reads about three times faster on CPU than row-major.
-            pred = (features[b].flatten(1).T @ embedding.flatten(0, 1).T).view(h, w, L, -1).permute(2, 3, 0, 1)
-            pred = F.grid_sample(pred, points[:, None], align_corners=False)[:, :, 0]  # (L, Q, P)
-            target = F.grid_sample(masks[None].contiguous(memory_format=torch.channels_last), points[None],
-                                   align_corners=False)[0].transpose(0, 1)  # (L, T, P), read channels last too
-            # BCE(x, t) = softplus(x) - x * t, so its mean over the points is one contraction.
-            cost_mask = (F.softplus(pred).sum(-1, keepdim=True) - torch.einsum("lqp,ltp->lqt", pred, target)) / P
-            sig = pred.sigmoid()
-            overlap = torch.einsum("lqp,ltp->lqt", sig, target)
-            cost_dice = 1 - (2 * overlap + 1) / (sig.sum(-1)[:, :, None] + target.sum(-1)[:, None, :] + 1)
-            cost = -self.class_weight * prob[:, :, classes] + self.mask_weight * cost_mask + self.dice_weight * cost_dice
-            rows, cols = linear_sum_assignment_batch(cost.cpu().numpy())  # queries (L, n), targets (L, n)
-            query = np.full((L, len(classes)), -1)
-            np.put_along_axis(query, cols, rows, 1)
-            matches.append(torch.from_numpy(query).to(classes.device))
-        return matches
 
     def normalisers(self, targets: Targets, *, num_queries: int) -> tuple[Tensor, Tensor]:
         """The number of matched masks and the total class-loss weight of one prediction, per rank.
@@ -648,48 +609,38 @@ class SetCriterion(nn.Module):
         return totals[0].clamp(min=1), totals[1]
 
     def class_loss(self, class_logits: Tensor, targets: Targets, queries: list[Tensor]) -> Tensor:
-        """Weighted cross-entropy summed over every query: unmatched ones learn "no object" (weight 0.1)."""
+        """Weighted cross-entropy summed over every query: unmatched ones learn "no object" (weight 0.1).
+        class_logits (B, Q, K+1); queries: per image (T,), the query matched to each target or -1."""
         B, Q, K1 = class_logits.shape
         target = torch.full((B, Q), K1 - 1, device=class_logits.device)
         for b, ((classes, _), query) in enumerate(zip(targets, queries)):
             target[b, query[query >= 0]] = classes[query >= 0]
         return F.cross_entropy(class_logits.flatten(0, 1), target.flatten(), weight=self.ce_weight, reduction="sum")
 
-    def mask_losses(self, embeddings: list[Tensor], features: Tensor, targets: Targets,
-                    matches: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Sigmoid BCE and dice of every prediction's matched masks on their most uncertain points, summed.
+    def mask_losses(self, embedding: Tensor, features: tuple[Tensor, ...], targets: Targets,
+                    queries: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Sigmoid BCE and dice of one prediction's matched masks on their most uncertain points, summed.
 
-        embeddings: L x (B, Q, C); features (B, C, h, w); matches: per image (L, T) from `match`.
+        embedding (B, Q, C); features: per image (C, h, w); queries: per image (T,), as for class_loss.
         """
-        if not any((match >= 0).any() for match in matches):
+        pred, target = [], []
+        for b, ((_, masks), query, feature) in enumerate(zip(targets, queries, features)):
+            matched = query >= 0
+            pred.append(mask_logits(embedding[b, query[matched]][None], feature[None])[0])  # (n_b, h, w)
+            target.append(masks[matched])  # (n_b, H, W)
+        pred, target = torch.cat(pred), torch.cat(target)  # (n, h, w), (n, H, W)
+        if not len(pred):
             # No labelled pixel in the batch. DDP needs every parameter in the graph on every
             # step, so return zeros that still depend on the masks.
-            zero = (sum(e.sum() for e in embeddings) + features.sum()) * 0.0
+            zero = (embedding.sum() + sum(f.sum() for f in features)) * 0.0
             return zero, zero
-        per_image = []  # per image, L x (n, h, w): each prediction's matched masks
-        for b, (match, feature) in enumerate(zip(matches, features.unbind(0))):
-            matched = match >= 0  # (L, T)
-            prediction, target = matched.nonzero(as_tuple=True)  # prediction by prediction
-            embedding = torch.stack([e[b] for e in embeddings])[prediction, match[prediction, target]]  # (n, C)
-            # All predictions' masks of an image in one product: one GEMM instead of L thin ones.
-            pred = mask_logits(embedding[None], feature[None])[0]  # (n, h, w)
-            per_image.append(pred.split(matched.sum(1).tolist()))
-        loss_mask, loss_dice = [], []
-        for i in range(len(embeddings)):  # every prediction matches the same number of masks, at least one
-            pred = torch.cat([image[i] for image in per_image])  # (n, h, w)
-            points = self.uncertain_points(pred)  # (n, P, 2)
-            x, t = point_sample(pred, points), []  # (n, P)
-            for (_, masks), match, p in zip(targets, matches, points.split([len(image[i]) for image in per_image])):
-                # Every target of the image sampled where its matched mask is: no copy of the masks.
-                matched = match[i] >= 0  # (T,)
-                grid = p.new_zeros(len(masks), *p.shape[1:])
-                grid[matched] = p
-                t.append(point_sample(masks, grid)[matched])
-            t = torch.cat(t)  # (n, P)
-            loss_mask.append(F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1).sum())
-            sig = x.sigmoid()
-            loss_dice.append((1 - (2 * (sig * t).sum(1) + 1) / (sig.sum(1) + t.sum(1) + 1)).sum())
-        return torch.stack(loss_mask).sum(), torch.stack(loss_dice).sum()
+        # The same points on both masks: in [-1, 1], so they fall alike on masks of any size.
+        points = self.uncertain_points(pred)  # (n, P, 2)
+        x, t = point_sample(pred, points), point_sample(target, points)  # (n, P)
+        bce = F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1).sum()
+        sig = x.sigmoid()
+        dice = (1 - (2 * (sig * t).sum(1) + 1) / (sig.sum(1) + t.sum(1) + 1)).sum()
+        return bce, dice
 
     @torch.no_grad()
     def uncertain_points(self, masks: Tensor) -> Tensor:

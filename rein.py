@@ -20,7 +20,6 @@ Semantic Segmentation" (Wei et al., CVPR 2024). The file reads in four parts:
 
 import math
 import os
-import re
 
 import torch
 import torch.distributed as dist
@@ -30,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 import vit
 from mask_head import MaskHead, SetCriterion, mask_logits, semantic_inference
+from mask_head import official_name as head_official_name
 
 METHODS = ("rein", "freeze", "full")
 # The official configs take ViT-L's blocks 7, 11, 15, 23: a third, half, two thirds and all
@@ -202,18 +202,21 @@ class Segmenter(nn.Module):
         """What trains, and so what a checkpoint stores: Rein and the head for `rein`."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
-    def load_trainable_state_dict(self, state: dict[str, Tensor], origin: str = "checkpoint") -> None:
-        """Loads `trainable_state_dict()` output back, strictly: every key and shape must match."""
-        wanted = self.trainable_state_dict().keys()
-        missing, unexpected = sorted(wanted - state.keys()), sorted(state.keys() - wanted)
+    def load_trainable_state_dict(self, state: dict[str, Tensor], origin: str = "checkpoint", *,
+                                  name_in_file=lambda name: name) -> None:
+        """Loads `trainable_state_dict()` output back, strictly: every key and shape must match.
+        Errors name the missing tensors as `name_in_file` gives them."""
+        trainable = self.trainable_state_dict().keys()
+        try:
+            result = self.load_state_dict(state, strict=False)  # the frozen weights are not in `state`
+        except RuntimeError as e:
+            raise ValueError(f"{origin} was trained with another model: {e}") from None
+        missing = sorted(map(name_in_file, trainable & set(result.missing_keys)))
+        unexpected = sorted(result.unexpected_keys)
         if missing or unexpected:
             raise ValueError(f"{origin} does not fit this {self.config['method']} model: missing "
                              f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
                              f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        try:
-            self.load_state_dict(state, strict=False)  # the frozen weights are not in `state`
-        except RuntimeError as e:
-            raise ValueError(f"{origin} was trained with another model: {e}") from None
 
     def param_groups(self, *, lr: float, weight_decay: float) -> list[dict]:
         """AdamW groups: no weight decay on norms, Rein's tokens and scale, and the head's
@@ -246,16 +249,15 @@ def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str 
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    arch, registers = vit.parse_name(backbone)
     if weights is None:
         # A fixed random backbone: a checkpoint trained on it can be evaluated later.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            vit_model = vit.build_vit(arch, patch_size, registers)
+            vit_model = vit.build_vit(backbone, patch_size)
     else:
         # Built without memory and then given the checkpoint's tensors: no second copy.
         with torch.device("meta"):
-            vit_model = vit.build_vit(arch, patch_size, registers)
+            vit_model = vit.build_vit(backbone, patch_size)
         vit.load_pretrained(vit_model, weights)
     rein = None
     if method == "rein":
@@ -278,42 +280,19 @@ def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str 
 
 # ------------------------------------------------------------- 4. The official release checkpoints
 
-# Our parameter names -> the official mmseg names, first match wins. The official release
-# stores Rein under backbone.reins.*, the head under decode_head.* (mmdet's Mask2Former).
-OFFICIAL_NAMES = (
-    (r"^backbone\.rein\.", "backbone.reins."),
-    (r"^backbone\.vit\.", "backbone."),
-    (r"^head\.query_proj\.", "decode_head.querys2feat."),
-    (r"^head\.post_norm\.", "decode_head.transformer_decoder.post_norm."),
-    (r"^head\.layers\.(\d+)\.(cross|self)_attn\.in_proj\.", r"decode_head.transformer_decoder.layers.\1.\2_attn.attn.in_proj_"),
-    (r"^head\.layers\.(\d+)\.(cross|self)_attn\.out_proj\.", r"decode_head.transformer_decoder.layers.\1.\2_attn.attn.out_proj."),
-    (r"^head\.layers\.(\d+)\.cross_norm\.", r"decode_head.transformer_decoder.layers.\1.norms.0."),
-    (r"^head\.layers\.(\d+)\.self_norm\.", r"decode_head.transformer_decoder.layers.\1.norms.1."),
-    (r"^head\.layers\.(\d+)\.ffn_norm\.", r"decode_head.transformer_decoder.layers.\1.norms.2."),
-    (r"^head\.layers\.(\d+)\.ffn\.0\.", r"decode_head.transformer_decoder.layers.\1.ffn.layers.0.0."),
-    (r"^head\.layers\.(\d+)\.ffn\.2\.", r"decode_head.transformer_decoder.layers.\1.ffn.layers.1."),
-    (r"^head\.pixel_decoder\.encoder\.(\d+)\.attn_norm\.", r"decode_head.pixel_decoder.encoder.layers.\1.norms.0."),
-    (r"^head\.pixel_decoder\.encoder\.(\d+)\.ffn_norm\.", r"decode_head.pixel_decoder.encoder.layers.\1.norms.1."),
-    (r"^head\.pixel_decoder\.encoder\.(\d+)\.ffn\.0\.", r"decode_head.pixel_decoder.encoder.layers.\1.ffn.layers.0.0."),
-    (r"^head\.pixel_decoder\.encoder\.(\d+)\.ffn\.2\.", r"decode_head.pixel_decoder.encoder.layers.\1.ffn.layers.1."),
-    (r"^head\.pixel_decoder\.encoder\.(\d+)\.", r"decode_head.pixel_decoder.encoder.layers.\1."),
-    (r"^head\.pixel_decoder\.lateral_conv\.", "decode_head.pixel_decoder.lateral_convs.0."),
-    (r"^head\.pixel_decoder\.output_conv\.", "decode_head.pixel_decoder.output_convs.0."),
-    (r"^head\.", "decode_head."),
-)
-
-
 def official_name(name: str) -> str:
-    """Our parameter name -> its name in an official release checkpoint."""
-    for pattern, official in OFFICIAL_NAMES:
-        if re.match(pattern, name):
-            return re.sub(pattern, official, name)
-    raise KeyError(name)
+    """Our parameter name -> its name in an official release checkpoint (mmseg's): Rein under
+    backbone.reins., the ViT's own names under backbone., the head's mmdet names under decode_head."""
+    module, _, rest = name.partition(".")
+    if module == "head":
+        return "decode_head." + head_official_name(rest)
+    part, _, rest = rest.partition(".")
+    return {"rein": "backbone.reins.", "vit": "backbone."}[part] + rest
 
 
 def read_official(path: str | os.PathLike) -> dict[str, Tensor]:
     """The state dict of an official release file (an mmengine checkpoint: meta + state_dict)."""
-    ckpt = vit.load_file(path, what="an official Rein release checkpoint")
+    ckpt = vit.read_file(path, what="an official Rein release checkpoint")
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not any(k.startswith("decode_head.") for k in state):
         found = sorted(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -347,16 +326,14 @@ def from_official(checkpoint: str | os.PathLike, weights: str | os.PathLike | No
     state = read_official(checkpoint)
     config = official_config(state)
     if weights is not None:
-        dinov2 = vit.read_checkpoint(vit.resolve_source(str(weights)))
+        dinov2 = vit.read_weights(weights)
     else:
         dinov2 = {k[len("backbone."):]: v for k, v in state.items()
                   if k.startswith("backbone.") and not k.startswith("backbone.reins.")}
         if not dinov2:
             raise ValueError(f"{checkpoint} holds no backbone weights: name the DINOv2 weights it was trained on "
                              f"with --weights (e.g. vitl14, or the release's dinov2_converted.pth)")
-    if "cls_token" not in dinov2:
-        raise ValueError(f"{weights} is not a DINOv2 state dict: expected keys like cls_token, pos_embed, "
-                         f"blocks.0.attn.qkv.weight; found {sorted(dinov2)[:5]}")
+        dinov2 = vit.read_weights(dinov2, origin=f"the backbone in {checkpoint}")
     found, backbone = vit.describe(dinov2)
     depth = vit.num_blocks(dinov2)
     tokens = state.get("backbone.reins.learnable_tokens_b")  # (N, r, c): N blocks of width c
@@ -367,11 +344,10 @@ def from_official(checkpoint: str | os.PathLike, weights: str | os.PathLike | No
                          f"{trained_on[1]}, but {weights or checkpoint} holds {backbone} ({found})")
     model = build_model(backbone=backbone, weights=dinov2, **config)
     model.config["weights"] = None if weights is None else str(weights)
-    names = {official_name(k): k for k in model.trainable_state_dict()}  # Rein and the head
-    release = {k: v for k, v in state.items() if k in names or not k.startswith("backbone.")}
-    missing, unexpected = sorted(names.keys() - release.keys()), sorted(release.keys() - names.keys())
-    if missing or unexpected:
-        raise ValueError(f"{checkpoint} does not have the official Rein layout: missing {len(missing)} keys "
-                         f"{missing[:12]}{' ...' if len(missing) > 12 else ''}, unexpected {unexpected[:12]}")
-    model.load_trainable_state_dict({names[k]: v for k, v in release.items()}, origin=str(checkpoint))
+    ours = {official_name(k): k for k in model.trainable_state_dict()}  # Rein and the head
+    # The backbone weights a frozen-baseline file holds are loaded already; a name we do not
+    # know stays as it is, to be named as unexpected.
+    release = {ours.get(k, k): v for k, v in state.items() if k in ours or not k.startswith("backbone.")}
+    model.load_trainable_state_dict(release, origin=f"{checkpoint} (an official release file)",
+                                    name_in_file=official_name)
     return model.eval()

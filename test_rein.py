@@ -4,7 +4,7 @@ Nothing here downloads: checkpoints, datasets and runs are created in pytest's t
 Sections follow the files in the order README.md lists them: vit.py, rein.py, mask_head.py,
 data.py, eval.py, train.py. Tests named test_cuda_* need a GPU; the others run on the CPU
 everywhere. `python test_rein.py` runs the benchmark at the end instead: the deformable
-attention's two forms (one grid_sample per level, 2 x 2 blocks), and the matching.
+attention's sampling (one grid_sample per level) and the matching.
 """
 
 import colorsys
@@ -39,9 +39,9 @@ import vit
 from data import (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, MEAN, STD, SYNTHETIC_DOMAINS, build_dataset,
                   choose_crop, palette_for, colorize, hsv_to_rgb, label_table, parse_data, photometric_distortion,
                   random_resize_crop_flip, rgb_to_hsv, to_test_tensor)
-from mask_head import (DecoderLayer, DeformableAttention, MaskHead, SetCriterion, attention_mask,
-                       linear_sum_assignment_batch, mask_logits, point_sample, sample_levels, sample_levels_by_blocks,
-                       semantic_inference, sine_position)
+from mask_head import (DecoderLayer, DeformableAttention, HungarianMatcher, MaskHead, SetCriterion, attention_mask,
+                       linear_sum_assignment_batch, make_targets, mask_logits, sample_levels, semantic_inference,
+                       sine_position)
 
 
 # The GPU path: tests named test_cuda_* run wherever CUDA is, and are skipped elsewhere (CI has no
@@ -79,21 +79,40 @@ def tiny_vit(num_registers=0, ffn="mlp", patch_size=4, image_size=32, family="di
     return model
 
 
-@pytest.mark.parametrize("arch, patch, regs, expected", [
-    ("vits14", 14, 0, 22_056_576), ("vitb14", 14, 0, 86_580_480), ("vitl14", 14, 0, 304_368_640),
-    ("vitg14", 14, 0, 1_136_480_768), ("vitl14", 16, 0, 304_199_680), ("vitl14", 14, 4, 304_368_640 + 4 * 1024),
+@pytest.mark.parametrize("name, patch, expected", [
+    ("vits14", None, 22_056_576), ("vitb14", None, 86_580_480), ("vitl14", None, 304_368_640),
+    ("vitg14", None, 1_136_480_768), ("vitl14", 16, 304_199_680), ("vitl14_reg4", None, 304_368_640 + 4 * 1024),
 ])
-def test_vit_parameter_counts(arch, patch, regs, expected):
+def test_vit_parameter_counts(name, patch, expected):
     """The official models' parameter counts, before and after the patch-16 conversion."""
     with torch.device("meta"):
-        model = vit.build_vit(arch, patch, regs)
+        model = vit.build_vit(name, patch)
     assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_vit_every_backbone_name_builds_its_own_model():
+    """build_vit(name) takes every name --backbone takes, with the family's own patch and extra tokens;
+    a patch size is an option for DINOv2 only."""
+    names = [a + r for a, spec in vit.ARCHS.items() for r in (("", "_reg4") if spec[0] == "dinov2" else ("",))]
+    for name in names:
+        with torch.device("meta"):
+            model = vit.build_vit(name)
+        v3 = name.startswith("dinov3")
+        assert model.patch_size == (16 if v3 else 14), name
+        assert model.num_registers == (4 if v3 or name.endswith("_reg4") else 0), name
+        assert train.parse_args(["--backbone", name]).backbone == name
+    with torch.device("meta"):
+        assert vit.build_vit("vitl14_reg4", 16).patch_size == 16
+        with pytest.raises(ValueError, match="dinov3_vitl16 .*patch 16.*14"):
+            vit.build_vit("dinov3_vitl16", 14)
+        with pytest.raises(ValueError, match="'vitl14_reg8'.*vitl14_reg4"):
+            vit.build_vit("vitl14_reg8")
 
 
 def test_vit_keys_are_the_official_ones():
     """state_dict keys and shapes follow the official DINOv2 checkpoint layout."""
     with torch.device("meta"):
-        large, giant = vit.build_vit("vitl14", num_registers=4), vit.build_vit("vitg14")
+        large, giant = vit.build_vit("vitl14_reg4"), vit.build_vit("vitg14")
     shapes = {k: tuple(v.shape) for k, v in large.state_dict().items()}
     assert shapes["cls_token"] == (1, 1, 1024) and shapes["pos_embed"] == (1, 1 + 37 * 37, 1024)
     assert shapes["mask_token"] == (1, 1024) and shapes["register_tokens"] == (1, 4, 1024)
@@ -227,7 +246,7 @@ def test_vit_position_embedding_interpolation():
 def official_layout_checkpoint(tmp_path, arch="vits14", regs=0):
     """A random checkpoint of an official architecture, saved as the release saves it."""
     torch.manual_seed(1)
-    state = vit.build_vit(arch, 14, regs).state_dict()
+    state = vit.build_vit(arch + ("_reg4" if regs else "")).state_dict()
     path = tmp_path / f"dinov2_{arch}{'_reg4' if regs else ''}_pretrain.pth"
     torch.save(state, path)
     return state, path
@@ -388,27 +407,25 @@ def test_dinov3_loads_from_path_and_url_and_families_are_told_apart(tmp_path, mo
     in a DINOv3 model (and the reverse) names the family and size; a DINOv3 name says where to get it."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     torch.manual_seed(0)
-    state = vit.build_vit("dinov3_vits16", 16).state_dict()
+    state = vit.build_vit("dinov3_vits16").state_dict()
     path = tmp_path / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"
     torch.save(state, path)
     for source in (path, path.as_uri()):
         with torch.device("meta"):
-            model = vit.build_vit("dinov3_vits16", 16)
+            model = vit.build_vit("dinov3_vits16")
         vit.load_pretrained(model, source)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert model(torch.randn(1, 3, 32, 48)).shape == (1, 5 + 6, 384)
-    with pytest.raises(ValueError, match="image size 30x48 is not a multiple of the patch size 16"):
+    with pytest.raises(ValueError, match="30x48 .*patch size 16"):
         model(torch.randn(1, 3, 30, 48))
     with torch.device("meta"):
         v2 = vit.build_vit("vits14")
-    with pytest.raises(ValueError, match="has DINOv3, width 384, 12 blocks.*this is dinov3_vits16, not vits14"):
+    with pytest.raises(ValueError, match="DINOv3, width 384, 12 blocks.*dinov3_vits16, not vits14"):
         vit.load_pretrained(v2, state)
-    with pytest.raises(ValueError, match="has DINOv2, width 384, 12 blocks.*this is vits14, not dinov3_vits16"):
+    with pytest.raises(ValueError, match="DINOv2, width 384, 12 blocks.*vits14, not dinov3_vits16"):
         vit.load_pretrained(model, v2.state_dict())
-    with pytest.raises(FileNotFoundError, match="on request.*dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"):
+    with pytest.raises(FileNotFoundError, match="request.*dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"):
         vit.load_pretrained(model, "dinov3_vitl16")
-    with pytest.raises(ValueError, match="patch 16 and its own 4 storage tokens"):
-        vit.build_vit("dinov3_vitl16", 14)
 
 
 def test_vit_errors_are_clear(tmp_path):
@@ -419,25 +436,25 @@ def test_vit_errors_are_clear(tmp_path):
         vit.load_pretrained(small, tmp_path / "nope.pth")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth cannot be read as DINOv2 or DINOv3 weights"):
+    with pytest.raises(ValueError, match="junk.pth .*DINOv2 or DINOv3 weights"):
         vit.load_pretrained(small, junk)
     torch.save({"model": {}}, tmp_path / "wrapped.pth")
-    with pytest.raises(ValueError, match="not a DINOv2 or DINOv3 state dict"):
+    with pytest.raises(ValueError, match="wrapped.pth .*DINOv2 or DINOv3 state dict.*cls_token.*model"):
         vit.load_pretrained(small, tmp_path / "wrapped.pth")
     state = small.state_dict()
-    with pytest.raises(ValueError, match="width 384, 12 blocks.*this is vits14, not vitl14"):
+    with pytest.raises(ValueError, match="width 384, 12 blocks.*vits14, not vitl14"):
         vit.load_pretrained(large, state)
     with torch.device("meta"):
-        with_regs = vit.build_vit("vits14", num_registers=4)
-    with pytest.raises(ValueError, match="this is vits14, not vits14_reg4"):
+        with_regs = vit.build_vit("vits14_reg4")
+    with pytest.raises(ValueError, match="vits14, not vits14_reg4"):
         vit.load_pretrained(with_regs, state)
     broken = dict(state)
     del broken["blocks.3.attn.proj.bias"]
     broken["head.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match="does not match the dinov2 layout") as error:
+    with pytest.raises(ValueError, match="dinov2 layout") as error:
         vit.load_pretrained(small, broken)
     assert '"blocks.3.attn.proj.bias"' in str(error.value) and '"head.weight"' in str(error.value)
-    with pytest.raises(ValueError, match="image size 30x28 is not a multiple of the patch size 4"):
+    with pytest.raises(ValueError, match="30x28 .*patch size 4"):
         tiny_vit()(torch.randn(1, 3, 30, 28))
 
 
@@ -452,7 +469,8 @@ def test_vit_command_line_takes_reg4_names_and_rejects_bad_patches(monkeypatch, 
     assert "dinov3, width 1024" in run("dinov3_vitl16")
     with pytest.raises(SystemExit) as stop:
         run("vitl14", "--patch-size", "0")
-    assert stop.value.code == 2 and "--patch-size must be a positive number of pixels, got 0" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and "--patch-size" in error and "got 0" in error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,7 +670,7 @@ def test_rein_checkpoint_holds_only_what_trains(tmp_path):
     assert all(torch.equal(other.trainable_state_dict()[k], v) for k, v in state.items())
     full = small_model("full").trainable_state_dict()
     assert "backbone.vit.blocks.0.attn.qkv.weight" in full
-    with pytest.raises(ValueError, match="does not fit this rein model: missing"):
+    with pytest.raises(ValueError, match="rein model.*missing"):
         other.load_trainable_state_dict(full)
 
 
@@ -772,29 +790,28 @@ def test_official_files_and_checkpoints_fail_clearly(tmp_path):
     and a train.py checkpoint of the old head each get a message that says what is wrong."""
     model = small_model("rein", num_queries=100, head_dim=256)
     torch.save(model.backbone.vit.state_dict(), tmp_path / "dinov2_vits.pth")
-    with pytest.raises(ValueError, match="holds DINOv2 backbone weights, not a trained segmenter: pass it as --weights"):
+    with pytest.raises(ValueError, match="dinov2_vits.pth .*DINOv2 backbone weights.*--weights"):
         evaluation.load_checkpoint(tmp_path / "dinov2_vits.pth")
     write_release(tmp_path / "release.pth", model)
     with torch.device("meta"):
         vitb = vit.build_vit("vitb14", 16)
     torch.save({k: torch.zeros(v.shape) for k, v in vitb.state_dict().items()}, tmp_path / "dinov2_vitb.pth")
-    with pytest.raises(ValueError, match="trained on a backbone of 12 blocks of width 384, but .*dinov2_vitb.pth "
-                                         "holds vitb14 \\(DINOv2, width 768, 12 blocks"):
+    with pytest.raises(ValueError, match="release.pth .*12 blocks of width 384.*dinov2_vitb.pth .*vitb14.*width 768"):
         rein.from_official(tmp_path / "release.pth", tmp_path / "dinov2_vitb.pth")
     write_release(tmp_path / "partial.pth", model, drop=("decode_head.querys2feat.bias",
                                                         "decode_head.pixel_decoder.encoder.layers.0.norms.1.weight"))
-    with pytest.raises(ValueError, match=r"missing 2 keys \['decode_head.pixel_decoder.encoder.layers.0.norms.1"
+    with pytest.raises(ValueError, match=r"partial.pth .*missing \['decode_head.pixel_decoder.encoder.layers.0.norms.1"
                                          r".weight', 'decode_head.querys2feat.bias'\]"):
         rein.from_official(tmp_path / "partial.pth", tmp_path / "dinov2_vits.pth")
-    with pytest.raises(ValueError, match="holds no backbone weights: name the DINOv2 weights"):
+    with pytest.raises(ValueError, match="release.pth .*no backbone weights.*--weights"):
         rein.from_official(tmp_path / "release.pth")
     config = dict(model.config)
     del config["encoder_layers"]  # as a checkpoint from before the paper's pixel decoder
     torch.save({"config": config, "model": {}, "optimizer": {}}, tmp_path / "old.pt")
     for load in (evaluation.load_checkpoint, lambda p: train.load_resume(p, model, {})):
-        with pytest.raises(ValueError, match="earlier convolutional \\(FPN\\) head"):
+        with pytest.raises(ValueError, match="old.pt .*FPN"):
             load(tmp_path / "old.pt")
-    with pytest.raises(ValueError, match="unknown method 'lora'; expected one of rein, freeze, full"):
+    with pytest.raises(ValueError, match="'lora'.*rein, freeze, full"):
         rein.build_model(method="lora")
 
 
@@ -884,13 +901,12 @@ def test_matching_minimises_mmdets_cost_on_full_masks():
     full masks, both masks sampled at match's own random points, BCE and dice per pair, every assignment."""
     torch.manual_seed(0)
     L, B, Q, P = 3, 2, 6, 50
-    criterion = SetCriterion(num_classes=4, num_points=P)
     predictions = [(torch.randn(B, Q, 5), torch.randn(B, Q, 8)) for _ in range(L)]
     features = torch.randn(B, 8, 12, 10)  # not square: rows and columns cannot be swapped unseen
     labels = torch.randint(0, 4, (B, 6, 5)).repeat_interleave(4, 1).repeat_interleave(4, 2)  # (B, 24, 20)
-    targets = criterion.targets(labels)
+    targets = make_targets(labels, 4)
     rng = torch.get_rng_state()
-    matches = criterion.match(predictions, features, targets)
+    matches = HungarianMatcher(num_points=P)(predictions, features, targets)
     torch.set_rng_state(rng)  # match draws one set of points per image, in image order
     for b, (classes, masks) in enumerate(targets):
         points = (torch.rand(L, P, 2) * 2 - 1)[:, None]  # (L, 1, P, 2)
@@ -930,7 +946,7 @@ def test_head_output_shapes(rein_queries, encoder_layers):
     assert len(predictions) == 4 and features.shape == (2, 16, 16, 16)
     for class_logits, embedding in predictions:
         assert class_logits.shape == (2, 6, 4) and embedding.shape == (2, 6, 16)
-    with pytest.raises(ValueError, match="decoder_layers must be >= 3.*got 2"):
+    with pytest.raises(ValueError, match="decoder_layers.*3.*2"):
         tiny_head(decoder_layers=2)
 
 
@@ -971,28 +987,26 @@ def deformable_reference(value, shapes, locations, weights):
     return out.view(B, Lq, M * d)
 
 
-def test_deformable_sampling_equals_a_per_point_reference_in_both_forms():
-    """sample_levels (one grid_sample per level) and sample_levels_by_blocks equal a slow per-point
-    reference, values and gradients, with points inside, on the border and outside the maps."""
+def test_deformable_sampling_equals_a_per_point_reference():
+    """sample_levels (one grid_sample per level) equals a slow per-point reference, values and
+    gradients, with points inside, on the border and outside the maps."""
     torch.manual_seed(0)
     shapes = [(2, 3), (3, 5), (4, 2)]
     B, M, d, P = 2, 2, 3, 2
     Lv = sum(h * w for h, w in shapes)
-    value = torch.randn(B, Lv, M, d, requires_grad=True)
-    locations = (torch.rand(B, 4, M, 3, P, 2) * 1.6 - 0.3).requires_grad_()
-    weights = torch.rand(B, 4, M, 3, P, requires_grad=True)
-    per_level = sample_levels(value, shapes, locations, weights)
-    assert torch.allclose(per_level.double(), deformable_reference(value, shapes, locations, weights), atol=1e-5)
-    blocks = sample_levels_by_blocks(value, shapes, locations, weights)
-    assert torch.allclose(blocks, per_level, atol=1e-5)
-    grads = [torch.autograd.grad(out.square().sum(), (value, locations, weights)) for out in (blocks, per_level)]
-    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(*grads))
+    value = torch.randn(B, Lv, M, d, dtype=torch.float64, requires_grad=True)
+    locations = (torch.rand(B, 4, M, 3, P, 2, dtype=torch.float64) * 1.6 - 0.3).requires_grad_()
+    weights = torch.rand(B, 4, M, 3, P, dtype=torch.float64, requires_grad=True)
+    ours = sample_levels(value, shapes, locations, weights)
+    assert torch.allclose(ours, deformable_reference(value, shapes, locations, weights), atol=1e-10)
+    # The gradients, against finite differences of the same function.
+    assert torch.autograd.gradcheck(lambda *x: sample_levels(x[0], shapes, *x[1:]), (value, locations, weights))
 
 
 @cuda
 def test_cuda_deformable_sampling_equals_cpu():
-    """On CUDA sample_levels, the form the GPU runs, gives the CPU's values and gradients, and under
-    bf16 autocast, as in training, gives them to bf16 rounding."""
+    """On CUDA sample_levels gives the CPU's values and gradients, and under bf16 autocast, as in
+    training, gives them to bf16 rounding."""
     torch.manual_seed(0)
     shapes = [(8, 8), (16, 12), (32, 32)]
     B, Lq, M, d, P = 2, 300, 4, 8, 4
@@ -1011,7 +1025,7 @@ def test_cuda_deformable_sampling_equals_cpu():
         """Each tensor within `tolerance` of the expected one, relative to its largest entry."""
         return all(torch.allclose(a, b, rtol=0, atol=tolerance * b.abs().max().item()) for a, b in zip(ours, expected))
 
-    cpu = run(sample_levels_by_blocks, "cpu")
+    cpu = run(sample_levels, "cpu")
     assert close(run(sample_levels, "cuda"), cpu, 1e-5)
     assert close(run(sample_levels, "cuda", torch.bfloat16), cpu, 0.02)
 
@@ -1232,36 +1246,35 @@ class LargestTensor(TorchFunctionMode):
         return out
 
 
-def test_mask_losses_equal_the_plain_form_also_with_more_classes_than_queries():
-    """The set loss makes an image's matched masks of all predictions in one product and samples the
-    targets in place. The plain form, per prediction (its matched masks and a copy of the matched
-    targets, sampled at the same random points), gives the same losses; here image 0 has 5 classes
-    for 3 queries, so some targets go unmatched."""
+def test_mask_losses_equal_a_per_pair_reference_also_with_more_classes_than_queries():
+    """The mask losses of one prediction, pair by matched pair: the full mask of the matched query and
+    the target's own mask, both sampled at the pair's points, BCE and dice. Image 0 has 5 classes for 3
+    queries, so some targets go unmatched; a target paired with the wrong query or mask shows."""
     torch.manual_seed(0)
     labels = torch.randint(0, 5, (2, 64, 64))
     labels[1] = 255  # ignored, but for one class
     labels[1, :10] = 3
-    L, Q, C = 3, 3, 16
-    embeddings = [torch.randn(2, Q, C) for _ in range(L)]
-    features = torch.randn(2, C, 16, 16)
+    Q, C = 3, 16
+    embedding, features = torch.randn(2, Q, C), torch.randn(2, C, 16, 16)
     criterion = SetCriterion(num_classes=5, num_points=32)
-    targets = criterion.targets(labels)
-    matches = criterion.match([(torch.randn(2, Q, 6), e) for e in embeddings], features, targets)
-    assert [tuple(m.shape) for m in matches] == [(L, 5), (L, 1)]
-    assert all((m >= 0).sum(1).tolist() == [min(m.shape[1], Q)] * L for m in matches)
-    torch.manual_seed(1)
-    ours = criterion.mask_losses(embeddings, features, targets, matches)
-    torch.manual_seed(1)
-    bce = dice = 0.0
-    for i, embedding in enumerate(embeddings):
-        pred = torch.cat([mask_logits(embedding[b, m[i][m[i] >= 0]][None], features[b:b + 1])[0]
-                          for b, m in enumerate(matches)])
-        target = torch.cat([masks[m[i] >= 0] for (_, masks), m in zip(targets, matches)])
-        points = criterion.uncertain_points(pred)
-        x, t = point_sample(pred, points), point_sample(target, points)
-        bce = bce + F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1).sum()
-        dice = dice + (1 - (2 * (x.sigmoid() * t).sum(1) + 1) / (x.sigmoid().sum(1) + t.sum(1) + 1)).sum()
-    assert torch.allclose(ours[0], bce) and torch.allclose(ours[1], dice)
+    targets = make_targets(labels, 5)
+    matches = criterion.matcher([(torch.randn(2, Q, 6), embedding)], features, targets)
+    assert [tuple(m.shape) for m in matches] == [(1, 5), (1, 1)] and [(m >= 0).sum().item() for m in matches] == [3, 1]
+    queries = [m[0] for m in matches]
+    points = []
+    real = criterion.uncertain_points
+    criterion.uncertain_points = lambda masks: points.append(real(masks)) or points[-1]  # keep what it drew
+    bce, dice = criterion.mask_losses(embedding, features.unbind(0), targets, queries)
+    pairs = [(b, q.item(), t) for b, query in enumerate(queries) for t, q in enumerate(query) if q >= 0]
+    expected_bce = expected_dice = 0.0
+    for (b, q, t), p in zip(pairs, points[0]):
+        full = torch.einsum("c,chw->hw", embedding[b, q], features[b])  # the query's mask, (16, 16)
+        x = F.grid_sample(full[None, None], p[None, :, None], align_corners=False).flatten()
+        target = F.grid_sample(targets[b][1][t][None, None], p[None, :, None], align_corners=False).flatten()
+        expected_bce += F.binary_cross_entropy_with_logits(x, target)
+        expected_dice += 1 - (2 * (x.sigmoid() * target).sum() + 1) / (x.sigmoid().sum() + target.sum() + 1)
+    assert len(pairs) == len(points[0]) == 4
+    assert torch.allclose(bce, expected_bce) and torch.allclose(dice, expected_dice)
 
 
 def test_loss_never_builds_full_resolution_masks_for_all_queries():
@@ -1563,10 +1576,10 @@ def test_combined_sources(tmp_path):
 
 def test_bad_input_gives_clear_errors(tmp_path):
     """Missing roots, wrong layouts, unlabelled or corrupt images, empty sets and unknown names fail clearly."""
-    with pytest.raises(FileNotFoundError, match="nowhere is not an existing folder; expected images and labels"):
+    with pytest.raises(FileNotFoundError, match="nowhere .*images and labels"):
         build_dataset("gta", tmp_path / "nowhere", "train", train=True)
     (tmp_path / "cs" / "images").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="expected leftImg8bit/train and gtFine/train under"):
+    with pytest.raises(FileNotFoundError, match="leftImg8bit/train and gtFine/train"):
         build_dataset("cityscapes", tmp_path / "cs", "train", train=True)
     (tmp_path / "gta" / "images").mkdir(parents=True)
     (tmp_path / "gta" / "labels").mkdir()
@@ -1782,9 +1795,9 @@ def own_folder(root: Path, *, splits=("train", "val"), values=(0, 1), count=2) -
 
 
 @pytest.mark.parametrize("values, message", [
-    ((0, 255), "only 0 and 255: binary masks with 255 as the object.*mask // 255"),
-    ((3,), "one class only \\(value 3\\)"),
-    ((0, 1, 2, 200), "a model of 201 classes would be built, but 197 ids never occur.*set it to 255"),
+    ((0, 255), "labels.*0 and 255.*mask // 255"),
+    ((3,), "one class only.*3"),
+    ((0, 1, 2, 200), "201 classes.*197 ids never occur.*255"),
 ])
 def test_own_labels_that_cannot_mean_classes_are_explained(tmp_path, values, message):
     """0/255 masks, a single class and a stray value are refused with what they probably mean."""
@@ -1936,7 +1949,7 @@ def test_eval_test_split_without_labels_writes_predictions_only(tmp_path, capsys
     write_checkpoint(tmp_path / "last.pt")
     common = ["--ckpt", str(tmp_path / "last.pt"), "--data", f"cityscapes={root}", "--split", "test", "--whole",
               "--workers", "0"]
-    with pytest.raises(ValueError, match="cityscapes test has no labels to score; add --save-dir"):
+    with pytest.raises(ValueError, match="cityscapes test .*no labels.*--save-dir"):
         evaluation.main(evaluation.parse_args(common))
     assert evaluation.main(evaluation.parse_args(common + ["--save-dir", str(tmp_path / "out")])) == {}
     assert "no labels: 1 predictions written" in capsys.readouterr().out
@@ -1968,11 +1981,11 @@ def test_eval_distributed_counts_every_image_once(tmp_path):
 def test_eval_errors_are_clear(tmp_path):
     """Missing, truncated or foreign checkpoints; unknown datasets; wrong layouts; unwritable --save-dir."""
     ckpt = tmp_path / "last.pt"
-    with pytest.raises(FileNotFoundError, match="missing.pt not found: expected a train.py checkpoint or an official"):
+    with pytest.raises(FileNotFoundError, match="missing.pt .*train.py checkpoint"):
         evaluation.load_checkpoint(tmp_path / "missing.pt")
     write_checkpoint(ckpt)
     (tmp_path / "cut.pt").write_bytes(ckpt.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="cut.pt cannot be read as a train.py checkpoint or an official"):
+    with pytest.raises(ValueError, match="cut.pt .*train.py checkpoint"):
         evaluation.load_checkpoint(tmp_path / "cut.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a train.py checkpoint.*found \\['weights'\\]"):
@@ -1980,14 +1993,14 @@ def test_eval_errors_are_clear(tmp_path):
     state = torch.load(ckpt, weights_only=True)
     state["config"]["num_queries"] = 9
     torch.save(state, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="other.pt was trained with another model"):
+    with pytest.raises(ValueError, match="other.pt .*another model"):
         evaluation.load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(ValueError, match="unknown dataset 'kitti'"):
         evaluation.main(evaluation.parse_args(["--ckpt", str(ckpt), "--data", "kitti"]))
     with pytest.raises(FileNotFoundError, match="leftImg8bit/val"):
         evaluation.main(evaluation.parse_args(["--ckpt", str(ckpt), "--data", f"cityscapes={tmp_path}"]))
     (tmp_path / "file").write_text("")
-    with pytest.raises(PermissionError, match="--save-dir .*file/preds is not writable"):
+    with pytest.raises(PermissionError, match="--save-dir .*file/preds .*writable"):
         evaluation.main(evaluation.parse_args(["--ckpt", str(ckpt), "--image", str(tmp_path),
                                                "--save-dir", str(tmp_path / "file" / "preds")]))
 
@@ -2013,18 +2026,17 @@ def test_eval_mistakes_are_named(tmp_path, capsys):
     """--format labelids without label ids, --format with --image, a bogus split, a file that is no checkpoint."""
     ckpt = tmp_path / "last.pt"
     write_checkpoint(ckpt)
-    with pytest.raises(ValueError, match="--format labelids writes a dataset's own label ids, and synthetic:fog"):
+    with pytest.raises(ValueError, match="--format labelids.*synthetic:fog"):
         evaluation.main(evaluation.parse_args(["--ckpt", str(ckpt), "--data", "synthetic:fog", "--format",
                                                "labelids", "--save-dir", str(tmp_path / "p"), "--workers", "0"]))
     for argv, message in ((["--image", "x.jpg", "--save-dir", "p", "--format", "labelids"],
-                           "--format labelids needs a dataset's label ids"),
+                           "--format labelids"),
                           (["--data", "synthetic:fog", "--split", "bogus"], "invalid choice: 'bogus'")):
         with pytest.raises(SystemExit):
             evaluation.parse_args(["--ckpt", str(ckpt), *argv])
         assert message in capsys.readouterr().err
     (tmp_path / "notes.pt").write_text("my notes")
-    with pytest.raises(ValueError, match="notes.pt cannot be read as a train.py checkpoint .*: it is not a PyTorch "
-                                         "checkpoint file, or it is truncated \\(\\w+\\)$"):
+    with pytest.raises(ValueError, match="notes.pt .*train.py checkpoint.*not a PyTorch checkpoint file"):
         evaluation.load_checkpoint(tmp_path / "notes.pt")
 
 
@@ -2208,7 +2220,7 @@ def test_train_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(t
         return losses | {"loss": losses["loss"] * float("nan")} if len(calls) == 3 else losses
 
     monkeypatch.setattr(rein.Segmenter, "forward", poisoned)
-    with pytest.raises(FloatingPointError, match="the loss is nan at iteration 3"):
+    with pytest.raises(FloatingPointError, match="nan at iteration 3"):
         train.main(train.parse_args(TINY_RUN + ["--iters", "5", "--save-every", "1", "--out", str(tmp_path)]))
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["iteration"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
@@ -2217,16 +2229,16 @@ def test_train_nan_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint(t
 def test_train_bad_input_fails_before_training(tmp_path):
     """Unwritable output, a missing dataset, weights for another backbone, a batch that does not divide."""
     (tmp_path / "file").write_text("")
-    with pytest.raises(PermissionError, match="--out .*file/run is not writable"):
+    with pytest.raises(PermissionError, match="--out .*file/run .*writable"):
         train.main(train.parse_args(TINY_RUN + ["--out", str(tmp_path / "file" / "run")]))
     with pytest.raises(FileNotFoundError, match="leftImg8bit/train"):
         train.main(train.parse_args(TINY_RUN + ["--data", f"cityscapes={tmp_path}", "--out", str(tmp_path / "r")]))
     torch.save(vit.build_vit("vits14").state_dict(), tmp_path / "small.pth")
-    with pytest.raises(ValueError, match="this is vits14, not vitb14"):
+    with pytest.raises(ValueError, match="vits14, not vitb14"):
         train.main(train.parse_args(TINY_RUN + ["--backbone", "vitb14", "--weights", str(tmp_path / "small.pth"),
                                                 "--out", str(tmp_path / "r")]))
     assert not (tmp_path / "r" / "last.pt").exists()
-    with pytest.raises(ValueError, match="--batch-size 3 is the global batch and must divide among 2 processes"):
+    with pytest.raises(ValueError, match="--batch-size 3 .*2 processes"):
         train.train(train.parse_args(TINY_RUN + ["--batch-size", "3"]), torch.device("cpu"), rank=0, world_size=2)
 
 
@@ -2273,7 +2285,7 @@ def test_own_folder_trains_with_its_own_val_split_or_says_there_is_none(tmp_path
         save(flat / "images" / f"{i}.png", rgb(32, 48, i))
         save(flat / "labels" / f"{i}.png", np.array([[0] * 24 + [1] * 24] * 32, dtype=np.uint8))
     assert train.main(train.parse_args(own_run(f"folder={flat}", tmp_path / "r2"))) == {}
-    assert "has no images/val split; training goes on without it" in capsys.readouterr().out
+    assert re.search(f"{flat}.* no images/val", capsys.readouterr().out)
 
 
 def test_absolute_dataset_paths_never_receive_predictions(tmp_path):
@@ -2301,21 +2313,31 @@ def test_resume_with_other_options_is_refused_and_the_record_kept(tmp_path, caps
     assert (out / "args.json").read_text() == record
     capsys.readouterr()
     assert train.main(train.parse_args(TINY_RUN + ["--iters", "2", "--workers", "0", "--out", str(out)])) == {}
-    assert "is a finished run of 2 iterations, nothing to do" in capsys.readouterr().out
+    assert re.search("finished run of 2 iterations.*nothing to do", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--iters", "0", "at least 1"), ("--iters", "-5", "at least 1"), ("--eval-every", "0", "at least 1"),
+    ("--log-every", "0", "at least 1"), ("--window", "100", "multiple of the patch size 16"),
+    ("--head-layers", "2", "at least 3"), ("--method", "lora", "invalid choice"), ("--lr", "-1", "positive"),
+    ("--lr", "0", "positive"), ("--weight-decay", "-0.5", "at least 0"),
+])
+def test_train_numeric_mistakes_are_named_before_anything_is_created(tmp_path, capsys, option, value, expected):
+    """Each bad option exits with its name, its value and what was expected; no run folder is left behind."""
+    with pytest.raises(SystemExit):
+        train.main(train.parse_args(TINY_RUN + ["--out", str(tmp_path / "run"), option, value]))
+    error = capsys.readouterr().err
+    assert option in error and value in error and expected in error and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--iters", "0", "--iters must be at least 1, got 0"), ("--iters", "-5", "--iters must be at least 1"),
-    ("--eval-every", "0", "--eval-every must be at least 1"), ("--log-every", "0", "--log-every must be at least 1"),
-    ("--crop-size", "100", "--crop-size 100 must be a multiple of the patch size 16, e.g. 96"),
-    ("--lr", "0", "--lr must be positive"), ("--workers", "-1", "--workers must be at least 0"),
-    ("--head-layers", "2", "--head-layers must be at least 3"), ("--method", "lora", "invalid choice: 'lora'"),
+    ("--crop-size", "40", "40x40 .*patch size 16"), ("--workers", "-1", "num_workers .*non-negative"),
 ])
-def test_train_numeric_mistakes_are_named_before_anything_is_created(tmp_path, capsys, option, value, message):
-    """Each bad option exits with its name and what was expected; no run folder is left behind."""
-    with pytest.raises(SystemExit):
+def test_train_mistakes_that_pytorch_names_itself(tmp_path, option, value, message):
+    """The ViT's and the DataLoader's own checks say what is wrong before a step is taken."""
+    with pytest.raises(ValueError, match=message):
         train.main(train.parse_args(TINY_RUN + ["--out", str(tmp_path / "run"), option, value]))
-    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_train_help_shows_both_presets(capsys):
@@ -2340,8 +2362,8 @@ def test_failed_start_leaves_no_folder(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 def benchmark(repeats: int = 5) -> None:
-    """Deformable attention of the paper's pixel decoder (512 x 512 crops, batch 2) in the two
-    forms on CPU, the grid_sample one on a GPU, forward and backward; then the matching."""
+    """Deformable attention's sampling in the paper's pixel decoder (512 x 512 crops, batch 2), forward
+    and backward, on the GPU if there is one; then the matching."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -2364,13 +2386,9 @@ def benchmark(repeats: int = 5) -> None:
     weights = torch.rand(B, Lq, M, len(shapes), P, device=device, requires_grad=True)
     print(f"deformable attention, {Lq} queries x {M} heads x {len(shapes)} levels x {P} points, batch {B}, "
           f"{device}, {torch.get_num_threads()} threads, best of {repeats}:")
-    forms = {"sample_levels (grid_sample)": sample_levels}
-    if device == "cpu":  # the form the CPU runs; a GPU runs sample_levels
-        forms["sample_levels_by_blocks"] = sample_levels_by_blocks
-    for name, fn in forms.items():
-        forward = best_ms(lambda: fn(value, shapes, locations, weights))
-        both = best_ms(lambda: fn(value, shapes, locations, weights).square().sum().backward())
-        print(f"  {name:28s} forward {forward:8.1f} ms, backward {both - forward:8.1f} ms")
+    forward = best_ms(lambda: sample_levels(value, shapes, locations, weights))
+    both = best_ms(lambda: sample_levels(value, shapes, locations, weights).square().sum().backward())
+    print(f"  sample_levels (grid_sample)   forward {forward:8.1f} ms, backward {both - forward:8.1f} ms")
 
     B, L, Q, K = 4, 10, 100, 19
     criterion = SetCriterion(num_classes=K).to(device)
@@ -2379,10 +2397,10 @@ def benchmark(repeats: int = 5) -> None:
     features = torch.randn(B, 256, 128, 128, device=device)
     blocks = torch.stack([torch.randperm(256).remainder(K).view(16, 16) for _ in range(B)])  # all K in each
     labels = blocks.repeat_interleave(32, 1).repeat_interleave(32, 2).to(device)  # (B, 512, 512)
-    targets = criterion.targets(labels)
+    targets = make_targets(labels, K)
     costs = [np.random.default_rng(b).random((L, Q, K)) for b in range(B)]
     assign = best_ms(lambda: [linear_sum_assignment_batch(cost) for cost in costs])
-    match = best_ms(lambda: criterion.match(predictions, features, targets))
+    match = best_ms(lambda: criterion.matcher(predictions, features, targets))
     print(f"matching, {B} images x {L} predictions of {Q} queries x {K} targets, {criterion.num_points} points:")
     print(f"  assignment only               {assign:8.2f} ms")
     print(f"  whole matching (costs + LSA)  {match:8.2f} ms")

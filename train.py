@@ -62,7 +62,6 @@ DEFAULT_VAL = {"cityscapes": "cityscapes,acdc,bdd,mapillary", "gta": "cityscapes
 # Options that may change when a run resumes: they do not change what the run computes.
 RESUMABLE_CHANGES = ("out", "resume", "workers", "log_every", "save_every", "eval_every", "compile", "grad_ckpt",
                      "fp32", "val")
-SYNTHETIC_LENGTH = {"train": 1000, "val": 20, "test": 20}
 
 
 class PresetHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -133,69 +132,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every numeric option in range, so that a mistake is named before anything is created."""
-    at_least = dict(iters=1, batch_size=1, crop_size=1, patch_size=1, num_queries=1, head_dim=8, head_layers=3,
-                    encoder_layers=0, num_points=1, eval_every=1, save_every=1, log_every=1, window=1, stride=1,
-                    workers=0, bench=1)
+    at_least = dict(iters=1, crop_size=1, patch_size=1, num_queries=1, head_dim=8, head_layers=3, encoder_layers=0,
+                    num_points=1, eval_every=1, save_every=1, log_every=1, window=1, stride=1, bench=1)
     for key, low in at_least.items():
         if getattr(args, key) is not None and getattr(args, key) < low:
             p.error(f"--{key.replace('_', '-')} must be at least {low}, got {getattr(args, key)}")
+    # AdamW checks only its default learning rate and weight decay, not the per-group ones it
+    # is given here: a negative --lr would train, uphill.
     if args.lr <= 0 or args.weight_decay < 0:
-        p.error(f"--lr must be positive and --weight-decay at least 0, got {args.lr} and {args.weight_decay}")
-    for key in ("crop_size", "window"):
-        if getattr(args, key) % args.patch_size:
-            p.error(f"--{key.replace('_', '-')} {getattr(args, key)} must be a multiple of the patch size "
-                    f"{args.patch_size}, e.g. {max(getattr(args, key) // args.patch_size, 1) * args.patch_size}")
+        p.error(f"--lr must be positive and --weight-decay at least 0, got --lr {args.lr} and --weight-decay "
+                f"{args.weight_decay}")
+    # The crop's patch check is the ViT's own, at the first step; the windows' would come at
+    # the first validation, hours later.
+    if args.window % args.patch_size:
+        p.error(f"--window {args.window} must be a multiple of the patch size {args.patch_size}, "
+                f"e.g. {max(args.window // args.patch_size, 1) * args.patch_size}")
     if args.head_dim % 8:
         p.error(f"--head-dim must be a multiple of 8 (8 attention heads), got {args.head_dim}")
 
 
-# ------------------------------------------------------------------------------ Distributed set-up
-
-
-def setup_distributed() -> torch.device:
-    """Reads torchrun's environment; NCCL on CUDA, gloo on CPU. Returns this process's device."""
-    if "LOCAL_RANK" not in os.environ:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        # The device is chosen before the process group, so NCCL binds to the right GPU.
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-        return torch.device("cuda", local_rank)
-    dist.init_process_group("gloo")
-    return torch.device("cpu")
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size): (0, 1) outside torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM and Ctrl-C to the main process, which saves a checkpoint
-    and shuts them down; a worker that died first would fail the loader in the middle of a step."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def check_writable(folder: Path, flag: str) -> None:
-    """Fails before any work if `folder` (given as `flag`) could not be created or written to.
-    Creates nothing: a run that fails to start leaves no folder behind."""
-    existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"{flag} {folder} is not writable: {existing} is "
-                              f"{'not a folder' if not existing.is_dir() else 'read-only for this user'}")
-
-
 # --------------- Data: a resumable sampler whose augmentations do not depend on the number of GPUs
-
-
-def dataset_kwargs(name: str, split: str, run_args: dict) -> dict:
-    """Synthetic scenes as a run drew them: twice as wide as its crop, from its seed."""
-    if name.startswith("synthetic"):
-        crop = run_args.get("crop_size", 512)
-        return dict(image_size=(2 * crop, crop), length=SYNTHETIC_LENGTH[split], seed=run_args.get("seed", 0))
-    return {}
 
 
 class TrainSampler(torch.utils.data.DistributedSampler):
@@ -249,14 +205,14 @@ def datasets(args: argparse.Namespace, rank: int) -> tuple:
     usual target domains found under data/.
     """
     if rank == 0:
-        check_writable(args.out, "--out")
+        evaluation.check_writable(args.out, "--out")
     sources = data.parse_data(args.data)
     if len(sources) != 1:
         raise ValueError(f"--data {args.data}: one training set, e.g. gta or gta+synthia (',' separates "
                          f"--val datasets)")
     (name, root), source = sources[0], data.first_source(args.data)
     train_set = data.build_dataset(name, root, "train", train=True, crop_size=args.crop_size,
-                                   **dataset_kwargs(name, "train", vars(args)))
+                                   **data.dataset_kwargs(name, "train", vars(args)))
     if len(train_set) < args.batch_size:
         raise ValueError(f"{args.data} has {len(train_set)} training images, fewer than --batch-size "
                          f"{args.batch_size}")
@@ -275,7 +231,7 @@ def datasets(args: argparse.Namespace, rank: int) -> tuple:
     for val_name, val_root in candidates:
         try:
             val_sets.append(data.build_dataset(val_name, val_root, "val", train=False,
-                                               **dataset_kwargs(val_name, "val", vars(args))))
+                                               **data.dataset_kwargs(val_name, "val", vars(args))))
         except FileNotFoundError as e:
             if args.val:
                 raise
@@ -361,7 +317,7 @@ def save_checkpoint(args, run: dict, model, optimizer, schedule, rank: int, worl
 
 def load_resume(path: Path, model: rein.Segmenter, plain_args: dict) -> dict:
     """A train.py checkpoint to resume, refused if the run it records computed something else."""
-    ckpt = vit.load_file(path, what="a train.py checkpoint to resume")
+    ckpt = vit.read_file(path, what="a train.py checkpoint to resume")
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
         raise ValueError(f"cannot resume from {path}: it is not a train.py checkpoint")
     evaluation.check_head_version(ckpt["config"], path)
@@ -500,8 +456,8 @@ def benchmark(model, optimizer, args, device, autocast, per_rank: int) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = setup_distributed()
-    rank, world_size = world()
+    device = evaluation.setup_distributed()
+    rank, world_size = evaluation.world()
     previous_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return train(args, device, rank, world_size)
@@ -534,7 +490,7 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
     loader = torch.utils.data.DataLoader(Augmented(train_set), batch_size=args.batch_size // world_size,
                                          sampler=sampler, drop_last=True, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-                                         generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
+                                         generator=torch.Generator(), worker_init_fn=evaluation.ignore_stop_signals)
     stop = {"signal": 0}
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda signum, frame: stop.update(signal=signum))

@@ -1,6 +1,6 @@
 """DINOv2 and DINOv3 Vision Transformers, written by hand, that load the official checkpoints exactly.
 
-    model = build_vit("vitl14", patch_size=16)     # DINOv2-L at the Rein paper's patch 16
+    model = build_vit("vitl14", patch_size=16)     # DINOv2-L at the Rein paper's patch 16 (native: 14)
     load_pretrained(model, "vitl14")                # official weights, converted to patch 16
     model = build_vit("dinov3_vitl16")              # DINOv3-L (patch 16)
     load_pretrained(model, "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth")
@@ -324,13 +324,19 @@ def parse_name(name: str) -> tuple[str, int]:
     return arch, int(reg or 0)
 
 
-def build_vit(arch: str, patch_size: int = 14, num_registers: int = 0) -> VisionTransformer:
-    """Builds one of ARCHS with random weights. DINOv2: the position grid is 518/14 or
-    512/patch; `num_registers` 0 or 4. DINOv3: patch 16, always 4 storage tokens."""
+def build_vit(name: str, patch_size: int | None = None) -> VisionTransformer:
+    """Builds the model a backbone name stands for, with random weights: 'vitl14', 'vitl14_reg4'
+    (4 registers), 'dinov3_vitl16' (patch 16, 4 storage tokens), ...
+
+    `patch_size`: DINOv2 also runs at another patch than its 14 (16 in the Rein paper), with
+    the stored position grid of a 512-pixel crop; DINOv3 has patch 16 only.
+    """
+    arch, num_registers = parse_name(name)
     family, dim, depth, heads, ffn = ARCHS[arch]
-    if family == "dinov3" and (patch_size, num_registers) != (16, 0):
-        raise ValueError(f"{arch} has patch 16 and its own 4 storage tokens; got patch size {patch_size} and "
-                         f"{num_registers} registers")
+    native = 14 if family == "dinov2" else 16
+    patch_size = patch_size or native
+    if family == "dinov3" and patch_size != native:
+        raise ValueError(f"{name} has patch {native} only; got patch size {patch_size}")
     # DINOv2's stored position grid: 37 x 37 at patch 14, else the grid of a 512-pixel crop.
     image_size = 518 if patch_size == 14 else 512 // patch_size * patch_size
     return VisionTransformer(dim=dim, depth=depth, num_heads=heads, ffn=ffn, patch_size=patch_size,
@@ -373,24 +379,12 @@ def resolve_source(source: str) -> str:
     return source
 
 
-def load_file(path: str | os.PathLike, *, what: str, mmap: bool = False):
-    """torch.load of a file of tensors (weights only), with errors that name the file and what it should be."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: expected {what}")
-    try:
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-    except Exception as e:  # torch's own message suggests weights_only=False, which is not the fix here
-        raise ValueError(f"{path} cannot be read as {what}: it is not a PyTorch checkpoint file, or it is "
-                         f"truncated ({type(e).__name__})") from e
-
-
-def read_checkpoint(source: str | os.PathLike) -> dict[str, Tensor]:
-    """Reads a state dict from a path or an http(s)/file URL, memory-mapped, weights only.
-
-    URLs are downloaded once into torch's hub cache (`$TORCH_HOME/hub/checkpoints`).
-    """
+def read_file(source: str | os.PathLike, *, what: str, mmap: bool = False):
+    """torch.load of a path or an http(s) or file URL, weights only, with errors that name the
+    file and `what` it should be. URLs are downloaded once into torch's hub cache
+    (`$TORCH_HOME/hub/checkpoints`). Every checkpoint this project reads comes through here."""
     source = str(source)
+    path = Path(source)
     if urlparse(source).scheme in ("http", "https", "file"):
         path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(source).path).name
         if not path.exists():
@@ -399,34 +393,42 @@ def read_checkpoint(source: str | os.PathLike) -> dict[str, Tensor]:
             try:
                 torch.hub.download_url_to_file(source, str(path), progress=True)
             except OSError as e:
-                raise FileNotFoundError(f"could not download weights from {source}: {e}") from e
-    else:
-        path = Path(source)
+                raise FileNotFoundError(f"could not download {what} from {source}: {e}") from e
     if not path.is_file():
-        raise FileNotFoundError(f"backbone weights {path} not found; expected a .pth file, an http(s) or "
-                                f"file:// URL, or a name such as vitl14 or vitl14_reg4")
-    # mmap: the tensors stay in the page cache and are assigned, never copied.
-    state = load_file(path, what="DINOv2 or DINOv3 weights", mmap=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of DINOv2 or DINOv3 weights")
+        raise FileNotFoundError(f"{path} not found: expected {what} (a file, or an http(s) or file:// URL)")
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except Exception as e:  # torch's own message suggests weights_only=False, which is not the fix here
+        raise ValueError(f"{path} cannot be read as {what}: it is not a PyTorch checkpoint file, or it is "
+                         f"truncated ({type(e).__name__})") from e
+
+
+def read_weights(source: str | os.PathLike | dict[str, Tensor], origin: str | None = None) -> dict[str, Tensor]:
+    """A DINOv2 or DINOv3 state dict from a path, a URL, a DINOv2 short name (vitl14, vitl14_reg4,
+    ...) or a dict, checked to be one. Files are memory-mapped: the tensors stay in the page
+    cache and are assigned to the model, never copied."""
+    if isinstance(source, dict):
+        state, origin = dict(source), origin or "the given state dict"
+    else:
+        state, origin = read_file(resolve_source(str(source)), what="DINOv2 or DINOv3 weights", mmap=True), str(source)
+    if not isinstance(state, dict) or "cls_token" not in state:
+        found = sorted(state)[:5] if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise ValueError(f"{origin} is not a DINOv2 or DINOv3 state dict: expected keys like cls_token, "
+                         f"blocks.0.attn.qkv.weight; found {found}")
     return state
 
 
 def load_pretrained(model: VisionTransformer, source: str | os.PathLike | dict[str, Tensor]) -> VisionTransformer:
     """Loads official DINOv2 or DINOv3 weights into `model`, strictly, with nothing renamed.
 
-    `source`: a path to a .pth file, an http(s) or file URL, a DINOv2 short name (vits14,
-    vitb14, vitl14, vitg14, with optional _reg4) that resolves to the official URL, or a
-    state dict. If a DINOv2 model's patch size or position grid differ from the
-    checkpoint's (patch 16 for the Rein paper), the patch kernel and the position grid are
-    resized bicubically, as the official Rein release converts DINOv2. The model may live
-    on the meta device: tensors are assigned, so loading never holds a second copy.
+    `source`: as `read_weights` takes it. If a DINOv2 model's patch size or position grid
+    differ from the checkpoint's (patch 16 for the Rein paper), the patch kernel and the
+    position grid are resized bicubically, as the official Rein release converts DINOv2.
+    The model may live on the meta device: tensors are assigned, so loading never holds a
+    second copy.
     """
-    state = dict(source) if isinstance(source, dict) else read_checkpoint(resolve_source(str(source)))
+    state = read_weights(source)
     origin = "the given state dict" if isinstance(source, dict) else str(source)
-    if "cls_token" not in state:
-        raise ValueError(f"{origin} is not a DINOv2 or DINOv3 state dict: expected keys like cls_token, "
-                         f"blocks.0.attn.qkv.weight; found {list(state)[:5]}")
     (found, found_name), (wanted, wanted_name) = describe(state), describe(model.state_dict())
     if found != wanted:
         raise ValueError(f"{origin} has {found}: this is {found_name}, not {wanted_name} ({wanted})")
@@ -462,19 +464,14 @@ def main() -> None:
     parser.add_argument("--patch-size", type=int, help="DINOv2 only (default 14); DINOv3 has 16")
     parser.add_argument("--weights", help="path, URL or name of official weights to load and check")
     args = parser.parse_args()
-    try:
-        arch, registers = parse_name(args.arch)
-    except ValueError as e:
-        parser.error(str(e))
-    family, dim, depth, heads, ffn = ARCHS[arch]
-    patch = args.patch_size if args.patch_size is not None else 14 if family == "dinov2" else 16
-    if patch < 1:
-        parser.error(f"--patch-size must be a positive number of pixels, got {patch}")
+    if args.patch_size is not None and args.patch_size < 1:
+        parser.error(f"--patch-size must be a positive number of pixels, got {args.patch_size}")
     with torch.device("meta"):
         try:
-            model = build_vit(arch, patch, registers)
+            model = build_vit(args.arch, args.patch_size)
         except ValueError as e:
             parser.error(str(e))
+    family, dim, depth, heads, ffn = ARCHS[parse_name(args.arch)[0]]
     n = sum(p.numel() for p in model.parameters())
     print(f"{args.arch}: {family}, width {dim}, {depth} blocks, {heads} heads, {ffn} FFN, patch {model.patch_size}, "
           f"{model.num_registers} {'storage tokens' if family == 'dinov3' else 'registers'}, {n:,} parameters")
