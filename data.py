@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import ConcatDataset, Dataset
 
 # ------------------------------------------------------------------ Classes, colours and label ids
@@ -327,13 +327,15 @@ class FileDataset(SegmentationDataset):
 
     def _load(self, index: int) -> tuple[Image.Image, np.ndarray]:
         image_path, label_path = self.pairs[index]
-        image = _open(image_path).convert("RGB")
+        image = read_rgb(image_path)
         if label_path is None:
             return image, np.full(image.size[::-1], IGNORE, dtype=np.uint8)
         raw = _read_label(label_path, first_channel=self.first_channel)
         if raw.shape != image.size[::-1]:
-            raise ValueError(f"label {label_path} is {raw.shape[1]}x{raw.shape[0]} but image "
-                             f"{image_path} is {image.size[0]}x{image.size[1]}")
+            turned = _open(image_path).getexif().get(ORIENTATION, 1) != 1
+            raise ValueError(f"label {label_path} is {raw.shape[1]}x{raw.shape[0]} but image {image_path} is "
+                             f"{image.size[0]}x{image.size[1]}" + (" as shown, turned by its EXIF orientation tag; "
+                             "label the picture as a viewer shows it" if turned else ""))
         return image, self._map(raw, label_path)
 
     def _map(self, raw: np.ndarray, path: Path) -> np.ndarray:
@@ -382,6 +384,10 @@ class CombinedDataset(ConcatDataset):
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         dataset, index = self.member(index)
         return dataset.read(index)
+
+    def stem(self, index: int) -> str:
+        dataset, index = self.member(index)
+        return dataset.stem(index)
 
     def augment(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         dataset, index = self.member(index)
@@ -511,6 +517,7 @@ def build_dataset(name: str, root: str | Path | None, split: str, *, train: bool
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+ORIENTATION = 0x0112  # the EXIF tag of how a camera held the picture
 
 
 def _expect(root: Path, name: str, folders: list[str]) -> None:
@@ -616,13 +623,6 @@ def _folder_classes(root: Path) -> tuple[str, ...]:
     they probably mean: a 0/255 binary mask (255 is "ignore" here), a single class, or ids
     with gaps (a stray value would otherwise make a model of that many classes).
     """
-    names_file = root / "classes.txt"
-    if names_file.is_file():
-        names = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
-        if not 2 <= len(names) <= 255:
-            raise ValueError(f"{names_file} lists {len(names)} class names; expected 2..255, one per line "
-                             f"(a binary task has two: e.g. background and the object)")
-        return names
     _expect(root, "folder", ["images", "labels"])
     files = sorted(p for p in (root / "labels").rglob("*") if p.suffix.lower() in LABEL_SUFFIXES)
     if not files:
@@ -631,6 +631,18 @@ def _folder_classes(root: Path) -> tuple[str, ...]:
     for path in files:
         found |= set(np.unique(_read_label(path, first_channel=False)).tolist())
     values = sorted(v for v in found if v != IGNORE)
+    names_file = root / "classes.txt"
+    if names_file.is_file():
+        names = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
+        if not 2 <= len(names) <= 255:
+            raise ValueError(f"{names_file} lists {len(names)} class names; expected 2..255, one per line "
+                             f"(a binary task has two: e.g. background and the object)")
+        unnamed = [v for v in values if v >= len(names)]
+        if unnamed:
+            raise ValueError(f"the labels under {root / 'labels'} hold the values {unnamed[:10]}, but {names_file} "
+                             f"names {len(names)} classes (values 0..{len(names) - 1}); add their names, or set "
+                             f"those pixels to 255 (ignore)")
+        return names
     fix = f"renumber the classes 0..K-1 (255 = ignore), or list their names in {names_file}"
     if not values:
         raise ValueError(f"every label pixel under {root / 'labels'} is 255 (ignore); expected class ids 0..K-1")
@@ -697,6 +709,15 @@ def _open(path: Path, *, low_byte: bool = False) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for corrupt or truncated files
         raise ValueError(f"cannot read image {path}: {error}") from error
     return image
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """An image file as a viewer shows it, in 8-bit RGB: turned as its EXIF orientation says, and
+    16-bit grey scaled to 0..255 (converting it would clip every value over 255 to white)."""
+    image = ImageOps.exif_transpose(_open(path))
+    if image.mode.startswith("I"):  # 16-bit grey, which Pillow holds as 32-bit integers
+        image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def _read_label(path: Path, *, first_channel: bool) -> np.ndarray:

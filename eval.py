@@ -16,10 +16,12 @@ matrices are summed, so the result is exactly that of one process. train.py call
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import signal
 import sys
+import traceback
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -82,6 +84,30 @@ def whole_inference(model: rein.Segmenter, image: Tensor) -> Tensor:
     return model.predict(padded[None]).float()[0, :, :h, :w]
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes that `device` can still give: free GPU memory, or the memory Linux reports available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_whole_image_fits(model: rein.Segmenter, image: Tensor) -> None:
+    """Refuses, up front, a whole-image pass that needs more memory than there is. Its largest
+    tensors are every query's mask logits at the image's full size, with their sigmoid, and the
+    per-class scores (float32: 4 bytes each)."""
+    _, h, w = image.shape
+    need = 4 * h * w * 2 * (model.config["num_queries"] + model.config["num_classes"])
+    free = available_memory(image.device)
+    if need > free:
+        raise ValueError(f"--whole: one pass over a {w}x{h} image needs about {need / 2**30:.1f} GiB, and "
+                         f"{image.device} has {free / 2**30:.1f} GiB available; leave out --whole (sliding windows "
+                         f"need far less), or give smaller images")
+
+
 @torch.inference_mode()
 def predict_labels(model: rein.Segmenter, image: Tensor, size: tuple[int, int], *, slide: bool = True,
                    window: int = 512, stride: int = 341, batch_size: int = 8) -> Tensor:
@@ -91,6 +117,7 @@ def predict_labels(model: rein.Segmenter, image: Tensor, size: tuple[int, int], 
         if slide:
             scores = slide_inference(model, image, window=window, stride=stride, batch_size=batch_size)
         else:
+            check_whole_image_fits(model, image)
             scores = whole_inference(model, image)
     # Resized to the label's full resolution before the argmax, so that no label is resampled.
     scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
@@ -209,6 +236,39 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def error_text(error: BaseException) -> str:
+    """An error's own message. DataLoader re-raises a worker's error with the worker's whole
+    traceback as its message; the error's own last line is what a user needs."""
+    text = str(error)
+    if "in DataLoader worker process" in text:
+        marker = f"\n{type(error).__name__}: "
+        text = text[text.rfind(marker) + len(marker):].strip() if marker in text else text
+    return text
+
+
+def run_command(main, args: argparse.Namespace, *, plain: tuple[type, ...] = ()) -> None:
+    """Runs a command line's `main(args)` and exits: 0 when it returns; 1 with 'error: MESSAGE' for a
+    mistake in the input (or with the message alone for the `plain` exceptions); 1 with the traceback
+    for anything else. Data-loading workers are stopped first on every failure: they ignore SIGTERM
+    (ignore_stop_signals), and Python's own exit would send them one and wait for them forever."""
+    try:
+        main(args)
+        return
+    except plain as e:
+        message = str(e)
+    except (OSError, ValueError, FloatingPointError) as e:  # FileNotFoundError and PermissionError too
+        message = f"error: {error_text(e)}"
+    except Exception:
+        message = traceback.format_exc().rstrip()
+    print(message, file=sys.stderr)
+    # DataLoader's SIGCHLD handler would report the killed workers as a failure of their own.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
+    sys.exit(1)
+
+
 def check_writable(folder: Path, flag: str) -> None:
     """Fails before any work if `folder` (given as `flag`) could not be created or written to.
     Creates nothing: a run that fails to start leaves no folder behind."""
@@ -223,12 +283,13 @@ def check_writable(folder: Path, flag: str) -> None:
 
 def evaluate(model: rein.Segmenter, dataset, *, device: torch.device, slide: bool = True, window: int = 512,
              stride: int = 341, batch_size: int = 8, workers: int = 2, save_dir: Path | None = None,
-             fmt: str = "color", save_limit: int | None = None, progress: bool = True) -> dict:
+             fmt: str = "color", save_limit: int | None = None, progress: bool = True, stop=None) -> dict:
     """mIoU, per-class IoU, accuracy and image count of `model` on `dataset`.
 
     Under torchrun, process r takes images r, r + world, ...: every image is counted once,
     whatever the dataset size. With `save_dir`, predictions are written as PNGs named
-    after the image (the first `save_limit` of each process only, if given).
+    after the image (the first `save_limit` of each process only, if given). `stop`: a
+    function asked before each image; when it turns true the evaluation ends early.
     """
     rank, world_size = world()
     model.eval()
@@ -240,6 +301,8 @@ def evaluate(model: rein.Segmenter, dataset, *, device: torch.device, slide: boo
     to_raw = train_to_raw_ids(dataset.lut) if fmt == "labelids" else None
     bar = tqdm(loader, desc=f"eval {dataset.name}", disable=not progress or rank > 0, leave=False)
     for n, sample in enumerate(bar):
+        if stop is not None and stop():
+            break
         label = sample["label"].to(device, non_blocking=True)
         pred = predict_labels(model, sample["image"].to(device, non_blocking=True), tuple(label.shape),
                               slide=slide, window=window, stride=stride, batch_size=batch_size)
@@ -325,6 +388,11 @@ def load_checkpoint(path: str | Path, weights: str | None = None) -> tuple[rein.
         config["weights"] = None  # the checkpoint holds the whole trained ViT
     model = rein.build_model(**config)
     model.load_trainable_state_dict(ckpt["model"], origin=str(path))
+    recorded = ckpt.get("backbone_fingerprint")
+    if recorded and config["method"] != "full" and model.backbone_fingerprint() != recorded:
+        raise ValueError(f"{path} was trained on other backbone weights than {config['weights'] or 'the random ones'} "
+                         f"(their fingerprints differ: {recorded} recorded, {model.backbone_fingerprint()} now); "
+                         f"pass the weights it was trained on with --weights (the run's args.json names them)")
     return model, ckpt
 
 
@@ -352,7 +420,40 @@ def image_outputs(paths: list[str], save_dir: Path) -> list[tuple[Path, Path]]:
     if clash:
         raise ValueError(f"--save-dir {save_dir} would overwrite {clash[:3]} (inputs, or two predictions of the "
                          f"same name); choose another --save-dir")
+    check_new_files(outputs, save_dir)
     return [(f, o) for (f, _), o in zip(pairs, outputs)]
+
+
+def check_new_files(outputs: list[Path], save_dir: Path) -> None:
+    """Refuses, before anything is written, to replace a file that is already there: this command
+    writes only files that it creates."""
+    existing = [str(o) for o in outputs if o.exists()]
+    if existing:
+        raise FileExistsError(f"--save-dir {save_dir} already holds {len(existing)} of the {len(outputs)} files this "
+                              f"would write ({', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''}); "
+                              f"nothing was written: choose a new folder, or move those files away")
+
+
+def dataset_outputs(dataset, save_dir: Path) -> Path:
+    """The folder of a dataset's predictions under --save-dir, checked: one new file per image."""
+    out_dir = save_dir / folder_name(dataset.name)
+    names = Counter(dataset.stem(i) for i in range(len(dataset)))
+    twice = [n for n, count in names.items() if count > 1]
+    if twice:
+        raise ValueError(f"{dataset.name} has {len(twice)} image names that occur more than once (e.g. {twice[0]}), "
+                         f"so their predictions would overwrite each other in {out_dir}; rename them")
+    check_new_files([out_dir / f"{name}.png" for name in names], save_dir)
+    return out_dir
+
+
+def class_names(ckpt: dict, num_classes: int) -> tuple[tuple[str, ...], np.ndarray]:
+    """The class names and colours a checkpoint was trained with; for files that do not record them
+    (official releases, older runs), Cityscapes' for 19 classes and class_0, class_1, ... otherwise."""
+    if "classes" in ckpt:
+        return tuple(ckpt["classes"]), np.array(ckpt["palette"], dtype=np.uint8)
+    if num_classes == len(data.CITYSCAPES_CLASSES):
+        return data.CITYSCAPES_CLASSES, data.CITYSCAPES_PALETTE
+    return tuple(f"class_{k}" for k in range(num_classes)), data.palette_for(num_classes)
 
 
 @torch.inference_mode()
@@ -365,8 +466,8 @@ def predict_images(model: rein.Segmenter, paths: list[str], save_dir: Path, *, d
     written = 0
     for f, out in tqdm(image_outputs(paths, save_dir)[rank::world_size], desc="predict", disable=rank > 0):
         try:
-            rgb = np.asarray(Image.open(f).convert("RGB"))
-        except OSError as e:
+            rgb = np.asarray(data.read_rgb(f))
+        except ValueError as e:
             warnings.warn(f"skipping {f}: not an image ({e})")
             continue
         image = data.to_test_tensor(rgb, test_size).to(device)
@@ -374,6 +475,10 @@ def predict_images(model: rein.Segmenter, paths: list[str], save_dir: Path, *, d
         out.parent.mkdir(parents=True, exist_ok=True)
         save_prediction(out, pred, "color", rgb=rgb, classes=classes, palette=palette, label=None, to_raw=None)
         written += 1
+    if world_size > 1:  # a process may have had no picture among its share
+        total = torch.tensor(written, device=device)
+        dist.all_reduce(total)
+        written = int(total)
     return written
 
 
@@ -422,16 +527,17 @@ def main(args: argparse.Namespace) -> dict | None:
     stride = args.stride or trained.get("stride", 341)
     results = None
     if args.image:
-        K = model.config["num_classes"]
-        classes = data.CITYSCAPES_CLASSES if K == len(data.CITYSCAPES_CLASSES) else \
-            tuple(f"class_{k}" for k in range(K))
+        classes, palette = class_names(ckpt, model.config["num_classes"])
         # Pictures are seen at the test scale of the data the model learnt from (GTAV for the
         # official release files).
         source = data.first_source(trained.get("data", "gta"))
         n = predict_images(model, args.image, args.save_dir, device=device, test_size=data.TEST_SIZES.get(source),
-                           slide=not args.whole, window=window, stride=stride, classes=classes,
-                           palette=data.palette_for(K))
-        print(f"rank {rank}: wrote {n} predictions to {args.save_dir}")
+                           slide=not args.whole, window=window, stride=stride, classes=classes, palette=palette)
+        if n == 0:
+            raise ValueError(f"--image {' '.join(args.image)}: no image among the files found there; expected "
+                             f"pictures ({', '.join(data.IMAGE_SUFFIXES)})")
+        if rank == 0:
+            print(f"wrote {n} predictions to {args.save_dir}")
     else:
         datasets = [data.build_dataset(name, root, args.split, train=False,
                                        **data.dataset_kwargs(name, args.split, trained))
@@ -446,11 +552,10 @@ def main(args: argparse.Namespace) -> dict | None:
             if args.format == "labelids" and not hasattr(ds, "lut"):
                 raise ValueError(f"--format labelids writes a dataset's own label ids, and {ds.name} has none "
                                  f"(generated or combined data); use --format trainids or color")
+        out_dirs = [dataset_outputs(ds, args.save_dir) if args.save_dir else None for ds in datasets]
         results = {}
-        for ds in datasets:
-            out_dir = None
-            if args.save_dir:
-                out_dir = args.save_dir / folder_name(ds.name)
+        for ds, out_dir in zip(datasets, out_dirs):
+            if out_dir:
                 out_dir.mkdir(parents=True, exist_ok=True)
             result = evaluate(model, ds, device=device, slide=not args.whole, window=window, stride=stride,
                               batch_size=args.batch_size, workers=args.workers, save_dir=out_dir, fmt=args.format)
@@ -469,7 +574,4 @@ def main(args: argparse.Namespace) -> dict | None:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (FileNotFoundError, ValueError, PermissionError) as e:
-        sys.exit(f"error: {e}")
+    run_command(main, parse_args())

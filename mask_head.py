@@ -219,7 +219,9 @@ class PixelDecoder(nn.Module):
     def __init__(self, *, in_dim: int, dim: int, encoder_layers: int):
         super().__init__()
         self.input_convs = nn.ModuleList(ConvGN(in_dim=in_dim, dim=dim) for _ in range(NUM_LEVELS))
-        self.level_encoding = nn.Embedding(NUM_LEVELS, dim)
+        # Positions serve the encoder only: without it, a level embedding would never train (and DDP
+        # refuses parameters that get no gradient).
+        self.level_encoding = nn.Embedding(NUM_LEVELS, dim) if encoder_layers else None
         self.encoder = nn.ModuleList(EncoderLayer(dim=dim, ffn_dim=4 * dim) for _ in range(encoder_layers))
         self.lateral_conv = ConvGN(in_dim=in_dim, dim=dim, bias=False)
         self.output_conv = ConvGN(in_dim=dim, dim=dim, kernel_size=3, bias=False)
@@ -240,9 +242,10 @@ class PixelDecoder(nn.Module):
         B, C = levels[0].shape[:2]
         shapes = [tuple(level.shape[-2:]) for level in levels]
         x = torch.cat([level.flatten(2) for level in levels], dim=2).transpose(1, 2)  # (B, sum h*w, C)
-        pos = torch.cat([sine_position(h, w, C, x.device) + self.level_encoding.weight[i]
-                         for i, (h, w) in enumerate(shapes)])  # (sum h*w, C)
-        reference = torch.cat([pixel_centres(h, w, x.device) for h, w in shapes])  # (sum h*w, 2)
+        if self.encoder:
+            pos = torch.cat([sine_position(h, w, C, x.device) + self.level_encoding.weight[i]
+                             for i, (h, w) in enumerate(shapes)])  # (sum h*w, C)
+            reference = torch.cat([pixel_centres(h, w, x.device) for h, w in shapes])  # (sum h*w, 2)
         for layer in self.encoder:
             x = layer(x, pos, reference, shapes)
         memories = [m.transpose(1, 2).reshape(B, C, h, w)  # (B, h*w, C) -> (B, C, h, w)

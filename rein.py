@@ -18,6 +18,7 @@ Semantic Segmentation" (Wei et al., CVPR 2024). The file reads in four parts:
     model = from_official("iter_40000_published.pth", "vitl14")   # the paper's released GTAV model
 """
 
+import hashlib
 import math
 import os
 
@@ -201,6 +202,16 @@ class Segmenter(nn.Module):
     def trainable_state_dict(self) -> dict[str, Tensor]:
         """What trains, and so what a checkpoint stores: Rein and the head for `rein`."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def backbone_fingerprint(self) -> str:
+        """A short digest of the backbone's weights, so that a checkpoint knows which weights it was
+        trained on. The vectors (norms, biases, layer scales) and the class token suffice: two
+        different pretrained files differ there, and they are a small part of the model."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.backbone.vit.state_dict().items()):
+            if tensor.dim() <= 1 or name == "cls_token":
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def load_trainable_state_dict(self, state: dict[str, Tensor], origin: str = "checkpoint", *,
                                   name_in_file=lambda name: name) -> None:

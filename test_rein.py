@@ -808,7 +808,7 @@ def test_official_files_and_checkpoints_fail_clearly(tmp_path):
     config = dict(model.config)
     del config["encoder_layers"]  # as a checkpoint from before the paper's pixel decoder
     torch.save({"config": config, "model": {}, "optimizer": {}}, tmp_path / "old.pt")
-    for load in (evaluation.load_checkpoint, lambda p: train.load_resume(p, model, {})):
+    for load in (evaluation.load_checkpoint, lambda p: train.load_resume(p, model, {}, "")):
         with pytest.raises(ValueError, match="old.pt .*FPN"):
             load(tmp_path / "old.pt")
     with pytest.raises(ValueError, match="'lora'.*rein, freeze, full"):
@@ -1546,14 +1546,17 @@ def test_folder_dataset_classes_splits_and_binary(tmp_path):
     (split / "classes.txt").write_text("background\ncrack\n\nrust\n")
     for name in ("train", "val"):
         save(split / "images" / name / "x.png", rgb(4, 6))
-        save(split / "labels" / name / "x.png", np.full((4, 6), 4 if name == "val" else 2, dtype=np.uint8))
+        save(split / "labels" / name / "x.png", np.full((4, 6), 1 if name == "val" else 2, dtype=np.uint8))
     train = build_dataset("folder", split, "train", train=False)
     assert train.classes == ("background", "crack", "rust") and (train.read(0)[1] == 2).all()
-    val = build_dataset("folder", split, "val", train=False)
-    with pytest.warns(UserWarning, match=r"\[4\]"):
-        assert (val.read(0)[1] == 255).all()
+    assert (build_dataset("folder", split, "val", train=False).read(0)[1] == 1).all()
     with pytest.raises(FileNotFoundError, match="images/test"):
         build_dataset("folder", split, "test", train=False)
+    # A label value that classes.txt does not name is refused before anything trains, for every split.
+    save(split / "labels" / "val" / "x.png", np.array([[0, 4, 7, 255, 1, 2]] * 4, dtype=np.uint8))
+    for name in ("train", "val"):
+        with pytest.raises(ValueError, match=r"labels.*\[4, 7\].*classes.txt.*3 classes"):
+            build_dataset("folder", split, name, train=name == "train")
 
 
 def test_combined_sources(tmp_path):

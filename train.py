@@ -24,14 +24,16 @@ exits with status 1.
 """
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import random
 import resource
+import shutil
 import signal
-import sys
+import socket
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,11 @@ PRESETS = {
 DEFAULT_VAL = {"cityscapes": "cityscapes,acdc,bdd,mapillary", "gta": "cityscapes,bdd,mapillary",
                "synthia": "cityscapes,bdd,mapillary",
                "synthetic": ",".join(f"synthetic:{d}" for d in data.SYNTHETIC_DOMAINS)}
+PROGRESS_HELP = ("The progress bar shows loss, the training loss summed over the head's predictions (its deep "
+                 "supervision: one after the query init and one per decoder layer, 10 in the paper), averaged over "
+                 "the last --log-every steps and the processes; lr, the learning "
+                 "rate; img_s, training images per second over all processes. log.jsonl in the run folder keeps "
+                 "them, with each loss term.")
 # Options that may change when a run resumes: they do not change what the run computes.
 RESUMABLE_CHANGES = ("out", "resume", "workers", "log_every", "save_every", "eval_every", "compile", "grad_ckpt",
                      "fp32", "val")
@@ -78,7 +85,7 @@ class PresetHelp(argparse.ArgumentDefaultsHelpFormatter):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train Rein for domain-generalised semantic segmentation.",
-                                formatter_class=PresetHelp)
+                                formatter_class=PresetHelp, epilog=PROGRESS_HELP)
     p.add_argument("--data", default="synthetic:game",
                    help="training data, NAME[=ROOT]; sources joined by +, e.g. gta+synthia (see data.py)")
     p.add_argument("--val", help="validation datasets, NAME[=ROOT],...; default: the usual targets found under data/")
@@ -91,14 +98,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", help="backbone weights: a path, a URL, or a DINOv2 name such as vitl14 (downloaded "
                                      "once); default under the paper preset: the backbone's own official weights")
     p.add_argument("--no-weights", action="store_true", help="a random backbone")
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--crop-size", type=int)
+    p.add_argument("--patch-size", type=int, help="the ViT's patch in pixels; DINOv2's 14 is converted to it "
+                                                  "while loading, as the official release does")
+    p.add_argument("--crop-size", type=int, help="side of the square training crops in pixels, a multiple of the "
+                                                 "patch size")
     p.add_argument("--batch-size", type=int, help="global: crops per step over all processes")
     p.add_argument("--iters", type=int, help="training iterations (the poly schedule's length)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--num-queries", type=int)
-    p.add_argument("--head-dim", type=int)
+    p.add_argument("--lr", type=float, help="AdamW's learning rate, decayed to 0 by the poly schedule")
+    p.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW's weight decay; none on norms, Rein's tokens and scale, and the head's embeddings")
+    p.add_argument("--num-queries", type=int, help="the head's object queries; under rein also Rein's tokens per block")
+    p.add_argument("--head-dim", type=int, help="the head's width, a multiple of its 8 attention heads")
     p.add_argument("--head-layers", type=int, help="transformer decoder layers of the head (9 in the paper)")
     p.add_argument("--encoder-layers", type=int, help="deformable-attention layers of the pixel decoder (6 in the "
                                                       "paper; 0 for the simplest head)")
@@ -109,8 +119,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--window", type=int, help="validation sliding window")
     p.add_argument("--stride", type=int, help="validation sliding window stride")
     p.add_argument("--workers", type=int, help="data loading processes per GPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help="run folder; default runs/DATA")
+    p.add_argument("--seed", type=int, default=0, help="seed of the head's initial weights, the data order and "
+                                                        "the augmentation")
+    p.add_argument("--out", type=Path, help="run folder; default runs/DATA (for folder=PATH: runs/ and PATH's "
+                                            "own name)")
     p.add_argument("--resume", type=Path, help="checkpoint to resume; default OUT/last.pt if it exists")
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone and the head")
@@ -126,7 +138,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.weights is None and args.preset == "paper":
         args.weights = args.backbone  # a DINOv2 name downloads; a DINOv3 one says where to get the file
     check_numbers(p, args)
-    args.out = args.out or Path("runs") / evaluation.folder_name(args.data.split("=")[0])
+    name, _, root = args.data.partition("=")
+    own = name.strip() == "folder" and root  # a user's folder names its run
+    args.out = args.out or Path("runs") / evaluation.folder_name(Path(root).expanduser().resolve().name if own else name)
     return args
 
 
@@ -303,19 +317,38 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(args, run: dict, model, optimizer, schedule, rank: int, world_size: int) -> None:
     """OUT/last.pt with every rank's random state, written by rank 0 alone: a temporary file,
-    then a rename, so that a crash never leaves a half-written checkpoint."""
+    then a rename, so that a crash never leaves a half-written checkpoint. Weights that are
+    not finite are never written: the last good last.pt stays."""
+    weights = model.trainable_state_dict()
+    if not all(torch.isfinite(v).all() for v in weights.values()):  # the same on every rank
+        raise FloatingPointError(f"the weights are not finite after iteration {run['iteration']}: the run "
+                                 f"diverged. {kept(args.out)}; {TRY_INSTEAD}")
     states = [rng_state()]
     if world_size > 1:
         states = [None] * world_size
         dist.all_gather_object(states, rng_state())
     if rank == 0:
-        path = args.out / "last.pt"
-        torch.save(dict(config=model.config, model=model.trainable_state_dict(), optimizer=optimizer.state_dict(),
-                        schedule=schedule.state_dict(), rng=states, **run), path.with_name("last.pt.tmp"))
-        os.replace(path.with_name("last.pt.tmp"), path)
+        path, partial = args.out / "last.pt", args.out / "last.pt.tmp"
+        try:
+            torch.save(dict(config=model.config, model=weights, optimizer=optimizer.state_dict(),
+                            schedule=schedule.state_dict(), rng=states, **run), partial)
+            os.replace(partial, path)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            partial.unlink(missing_ok=True)
+            free = shutil.disk_usage(args.out).free
+            reason = "the disk is full" if free < 2**20 else f"{type(e).__name__}: {e}"
+            raise OSError(f"could not write {path} ({reason}); the previous one is kept as it was") from e
 
 
-def load_resume(path: Path, model: rein.Segmenter, plain_args: dict) -> dict:
+def kept(out: Path) -> str:
+    """What a run that stops now leaves behind, for its message."""
+    path = out / "last.pt"
+    if not path.exists():
+        return "no checkpoint had been written yet"
+    return f"{path} keeps iteration {torch.load(path, weights_only=True, mmap=True)['iteration']}, the last good state"
+
+
+def load_resume(path: Path, model: rein.Segmenter, plain_args: dict, fingerprint: str) -> dict:
     """A train.py checkpoint to resume, refused if the run it records computed something else."""
     ckpt = vit.read_file(path, what="a train.py checkpoint to resume")
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
@@ -325,6 +358,9 @@ def load_resume(path: Path, model: rein.Segmenter, plain_args: dict) -> dict:
         changed = {k: (ckpt["config"].get(k), v) for k, v in model.config.items() if ckpt["config"].get(k) != v}
         raise ValueError(f"cannot resume from {path}: it was trained with other model arguments "
                          f"(checkpoint, now): {changed}; use the same arguments or another --out")
+    if ckpt.get("backbone_fingerprint", fingerprint) != fingerprint:
+        raise ValueError(f"cannot resume from {path}: it was trained on other backbone weights than "
+                         f"{model.config['weights']} (fingerprint {ckpt['backbone_fingerprint']}, now {fingerprint})")
     recorded = ckpt.get("args", {})
     changed = [f"--{k.replace('_', '-')} {recorded.get(k)} (run) vs {v} (now)" for k, v in plain_args.items()
                if k not in RESUMABLE_CHANGES and recorded.get(k) != v]
@@ -340,7 +376,7 @@ def resume(args, run: dict, model, optimizer, schedule, rank: int, world_size: i
     record of what it does. False: the run is already finished."""
     path = args.resume or (args.out / "last.pt" if (args.out / "last.pt").exists() else None)
     if path:
-        ckpt = load_resume(path, model, run["args"])
+        ckpt = load_resume(path, model, run["args"], run["backbone_fingerprint"])
         if ckpt["iteration"] >= args.iters:
             if rank == 0:
                 print(f"{path} is a finished run of {args.iters:,} iterations, nothing to do: its figures are in "
@@ -357,18 +393,51 @@ def resume(args, run: dict, model, optimizer, schedule, rank: int, world_size: i
     else:
         for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
             seed_fn(args.seed + rank)  # each rank draws its own random points in the loss
+    if rank == 0 and not path:
+        (args.out / "args.json").write_text(json.dumps(run["args"], indent=2))
+    return True
+
+
+@contextlib.contextmanager
+def own_folder(out: Path, rank: int, world_size: int):
+    """Holds a lock on OUT/run.lock while the run runs: a second run on the same --out is refused,
+    with the first one's process named. The lock goes with its process, even a killed one."""
+    lock, error = None, None
     if rank == 0:
         try:
-            args.out.mkdir(parents=True, exist_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
+            lock = open(out / "run.lock", "a+")
         except OSError as e:
-            raise PermissionError(f"--out {args.out} cannot be created: {e.strerror}") from e
-        if not path:
-            (args.out / "args.json").write_text(json.dumps(run["args"], indent=2))
-    return True
+            error = f"--out {out} cannot be created: {e.strerror}"
+    if lock is not None:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            lock.truncate(0)
+            lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+            lock.flush()
+        except BlockingIOError:
+            lock.seek(0)
+            error = (f"--out {out} belongs to a run that is still going ({lock.read().strip() or 'another process'}); "
+                     f"wait for it to end, or give this run another --out")
+            lock.close()
+    if world_size > 1:  # every rank stops if rank 0 cannot own the folder
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        raise FileExistsError(error)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 class Interrupted(Exception):
     """SIGTERM or Ctrl-C stopped training after last.pt was written."""
+
+
+TRY_INSTEAD = "start again with a lower --lr (and another --out)"
 
 
 # ----------------------------------------------------------- Logging, validation and the benchmark
@@ -415,8 +484,9 @@ class Log:
             self.file.close()
 
 
-def validate(model, val_sets, args, device, iteration: int, rank: int) -> dict:
-    """Every validation set, with 4 coloured predictions per set saved under OUT/val/ITERATION."""
+def validate(model, val_sets, args, device, iteration: int, rank: int, stop) -> dict:
+    """Every validation set, with 4 coloured predictions per set saved under OUT/val/ITERATION;
+    it ends early when `stop()` turns true (a stop signal)."""
     results = {}
     for ds in val_sets:
         out_dir = args.out / "val" / f"iter_{iteration:06d}" / evaluation.folder_name(ds.name)
@@ -424,7 +494,7 @@ def validate(model, val_sets, args, device, iteration: int, rank: int) -> dict:
             out_dir.mkdir(parents=True, exist_ok=True)
         results[ds.name] = evaluation.evaluate(model, ds, device=device, window=args.window, stride=args.stride,
                                                workers=args.workers, save_dir=out_dir if rank == 0 else None,
-                                               save_limit=4)
+                                               save_limit=4, stop=stop)
     return results
 
 
@@ -469,7 +539,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def train(args: argparse.Namespace, device: torch.device, rank: int, world_size: int) -> dict:
-    """The whole run, top to bottom: set-up, resume, the loop with logging, checkpoints and validation."""
+    """The whole run, top to bottom: set-up, resume, then the loop; the run owns its folder meanwhile."""
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} is the global batch and must divide among "
                          f"{world_size} processes")
@@ -481,65 +551,79 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
 
     train_set, val_sets = datasets(args, rank)  # everything that can fail on user input fails here
     model, ddp, optimizer, schedule = build(args, device, world_size, num_classes=train_set.num_classes)
-    run = dict(args=json.loads(json.dumps(vars(args), default=str)), iteration=0, epoch=0, position=0)
-    if not resume(args, run, model, optimizer, schedule, rank, world_size):
-        return {}
-    sampler = TrainSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
-    # The loader gets its own generator, so that creating it draws nothing from the global
-    # random state (which the checkpoint restores).
-    loader = torch.utils.data.DataLoader(Augmented(train_set), batch_size=args.batch_size // world_size,
-                                         sampler=sampler, drop_last=True, num_workers=args.workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-                                         generator=torch.Generator(), worker_init_fn=evaluation.ignore_stop_signals)
+    # What the checkpoint records besides the weights: the options, the classes with their colours,
+    # the backbone weights' fingerprint, and where in the data the run is.
+    run = dict(args=json.loads(json.dumps(vars(args), default=str)), classes=list(train_set.classes),
+               palette=train_set.palette.tolist(), backbone_fingerprint=model.backbone_fingerprint(),
+               iteration=0, epoch=0, position=0)
+    with own_folder(args.out, rank, world_size):
+        if not resume(args, run, model, optimizer, schedule, rank, world_size):
+            return {}
+        sampler = TrainSampler(train_set, seed=args.seed, rank=rank, world_size=world_size)
+        # The loader gets its own generator, so that creating it draws nothing from the global
+        # random state (which the checkpoint restores).
+        loader = torch.utils.data.DataLoader(Augmented(train_set), batch_size=args.batch_size // world_size,
+                                             sampler=sampler, drop_last=True, num_workers=args.workers,
+                                             pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+                                             generator=torch.Generator(),
+                                             worker_init_fn=evaluation.ignore_stop_signals)
+        stream = batches(loader, sampler, epoch=run["epoch"], position=run["position"])
+        return loop(args, run, (model, ddp, optimizer, schedule), stream, val_sets, train_set.classes, device,
+                    autocast)
+
+
+def any_rank(values: list, device: torch.device) -> torch.Tensor:
+    """The largest of each value over the ranks (the values themselves outside torchrun)."""
+    flags = torch.tensor([float(v) for v in values], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
+
+
+def loop(args, run: dict, trained: tuple, stream, val_sets, classes, device, autocast) -> dict:
+    """Steps until --iters: the update, the log, last.pt every --save-every steps and before each
+    validation, the validation every --eval-every steps; a NaN or a stop signal ends it."""
+    model, ddp, optimizer, schedule = trained
+    rank, world_size = evaluation.world()
     stop = {"signal": 0}
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-
     log = Log(args, run["iteration"], rank, world_size, device)
-    stream = batches(loader, sampler, epoch=run["epoch"], position=run["position"])
     results = {}
     model.train()
-    while run["iteration"] < args.iters:
-        run["epoch"], run["position"], (images, labels) = next(stream)
-        losses = train_step(ddp, optimizer, images.to(device, non_blocking=True),
-                            labels.to(device, non_blocking=True), autocast)
-        # One small all-reduce per step, so that every rank agrees on a NaN or a signal.
-        flags = torch.tensor([float(not torch.isfinite(losses["loss"])), float(stop["signal"])], device=device)
-        if world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        if flags[0]:
-            raise FloatingPointError(f"the loss is {losses['loss'].item()} at iteration {run['iteration'] + 1}: "
-                                     f"training stopped before the update; {args.out / 'last.pt'} keeps the last "
-                                     f"good state")
-        optimizer.step()
-        schedule.step()
-        run["iteration"] += 1
-        log.step(run["iteration"], losses, schedule.get_last_lr()[0])
-        last = run["iteration"] == args.iters
-        if flags[1] or run["iteration"] % args.save_every == 0 or last:
-            save_checkpoint(args, run, model, optimizer, schedule, rank, world_size)
-        if flags[1]:
-            log.close()
-            raise Interrupted(f"stopped by signal {int(flags[1])} at iteration {run['iteration']}: "
-                              f"{args.out / 'last.pt'} written; the same command resumes")
-        if run["iteration"] % args.eval_every == 0 or last:
-            results = validate(model, val_sets, args, device, run["iteration"], rank)
-            log.validation(run["iteration"], results, train_set.classes)
-            model.train()
-    log.close()
+    try:
+        while run["iteration"] < args.iters:
+            run["epoch"], run["position"], (images, labels) = next(stream)
+            losses = train_step(ddp, optimizer, images.to(device, non_blocking=True),
+                                labels.to(device, non_blocking=True), autocast)
+            # One small all-reduce per step, so that every rank agrees on a NaN or a signal.
+            flags = any_rank([not torch.isfinite(losses["loss"]), stop["signal"]], device)
+            if flags[0]:
+                raise FloatingPointError(f"the loss is {losses['loss'].item()} at iteration {run['iteration'] + 1}: "
+                                         f"the run diverged, and stopped before the update. {kept(args.out)}; "
+                                         f"{TRY_INSTEAD}")
+            optimizer.step()
+            schedule.step()
+            run["iteration"] += 1
+            log.step(run["iteration"], losses, schedule.get_last_lr()[0])
+            validating = run["iteration"] % args.eval_every == 0 or run["iteration"] == args.iters
+            if flags[1] or validating or run["iteration"] % args.save_every == 0:
+                save_checkpoint(args, run, model, optimizer, schedule, rank, world_size)
+            if validating and not flags[1]:
+                # A signal stops the validation too (torchrun waits 30 s only); last.pt is written.
+                results = validate(model, val_sets, args, device, run["iteration"], rank, lambda: stop["signal"])
+                flags[1] = any_rank([0, stop["signal"]], device)[1]
+                if not flags[1]:
+                    log.validation(run["iteration"], results, classes)
+                model.train()
+            if flags[1]:
+                raise Interrupted(f"stopped by signal {int(flags[1])} at iteration {run['iteration']}: "
+                                  f"{args.out / 'last.pt'} written; the same command resumes")
+    finally:
+        log.close()
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except Interrupted as e:
-        sys.exit(str(e))  # exit status 1: `train.py && eval.py` must not evaluate a half-trained model
-    except (FileNotFoundError, ValueError, PermissionError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
-    except Exception:
-        # Python would print it too, but would keep the traceback, and with it the loader's
-        # workers, alive until its exit, which stops them with a SIGTERM that they ignore
-        # (ignore_stop_signals) and then waits for them forever.
-        traceback.print_exc()
-        sys.exit(1)
+    # An interrupted run exits with status 1 too: `train.py && eval.py` must not evaluate a half-trained model.
+    evaluation.run_command(main, parse_args(), plain=(Interrupted,))
