@@ -581,6 +581,12 @@ class SetCriterion(nn.Module):
         with torch.autocast(labels.device.type, enabled=False):  # the loss in float32 under bf16
             predictions = [(c.float(), e.float()) for c, e in predictions]
             features = mask_features.float()
+            everything = sum(c.sum() + e.sum() for c, e in predictions) + features.sum()
+            if not torch.isfinite(everything):
+                # A diverged model: nothing can be matched. A NaN loss that reaches every parameter
+                # (as DDP needs) lets the training loop stop with its own message.
+                nan = everything * float("nan")
+                return {"loss": nan, "loss_ce": nan, "loss_mask": nan, "loss_dice": nan}
             matches = self.matcher(predictions, features, targets)  # per image (L, T): the query of each target
             num_masks, ce_weight_sum = self.normalisers(targets, num_queries=predictions[0][0].shape[1])
             # Each image's features once: a slice per image and prediction would fill a

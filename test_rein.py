@@ -8,12 +8,14 @@ attention's sampling (one grid_sample per level) and the matching.
 """
 
 import colorsys
+import fcntl
 import itertools
 import json
 import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -1812,9 +1814,9 @@ def test_own_labels_that_cannot_mean_classes_are_explained(tmp_path, values, mes
 # eval.py
 # ---------------------------------------------------------------------------------------------
 
-def write_checkpoint(path):
+def write_checkpoint(path, num_classes=19):
     """A train.py-style checkpoint of a small random model: its config, trainable state and args."""
-    model = small_model(num_classes=19)
+    model = small_model(num_classes=num_classes)
     args = dict(data="synthetic:game", window=64, stride=48)
     torch.save(dict(config=model.config, model=model.trainable_state_dict(), args=args), path)
 
@@ -2358,6 +2360,233 @@ def test_failed_start_leaves_no_folder(tmp_path):
         train.main(train.parse_args(TINY_RUN + ["--data", f"cityscapes={tmp_path / 'no'}", "--preset", "demo",
                                                 "--out", str(tmp_path / "run")]))
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults and odd inputs: never hang, never overwrite, never keep a poisoned run
+# ---------------------------------------------------------------------------------------------
+
+def run_script(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """A command line of the project in its own process, as a user runs it; a hang fails at `timeout`."""
+    return subprocess.run([sys.executable, *argv], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          timeout=timeout, env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})
+
+
+@pytest.mark.parametrize("fault", ["truncated", "sizes", "empty"])
+def test_a_bad_sample_in_a_loader_worker_ends_train_and_eval_with_its_message(tmp_path, fault):
+    """A truncated image, an image and label of different sizes, an empty file: read by a loader
+    worker (the default), the run ends within seconds with the file named and status 1, in
+    train.py and in eval.py alike. Before, both printed the error and then waited forever."""
+    root = own_folder(tmp_path / "mine", count=3)
+    bad = root / "images" / "train" / "1.png"
+    if fault == "truncated":
+        bad.write_bytes(bad.read_bytes()[:200])
+    elif fault == "sizes":
+        save(bad, rgb(30, 48))
+    else:
+        bad.write_bytes(b"")
+    shutil.copy(bad, root / "images" / "val" / "1.png")
+    start = time.time()
+    proc = run_script("train.py", *own_run(f"folder={root}", tmp_path / "run", "--workers", "2", "--iters", "20"))
+    assert proc.returncode == 1 and re.search(r"error: .*images/train/1.png", proc.stderr), proc.stderr[-2000:]
+    write_checkpoint(tmp_path / "last.pt", num_classes=2)
+    proc = run_script("eval.py", "--ckpt", str(tmp_path / "last.pt"), "--data", f"folder={root}", "--workers", "2")
+    assert proc.returncode == 1 and re.search(r"error: .*images/val/1.png", proc.stderr), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and time.time() - start < 50
+
+
+def test_whole_image_inference_that_cannot_fit_is_refused_up_front(monkeypatch):
+    """--whole on a 6000 x 4000 picture: refused before any work, with the size and the memory it needs."""
+    model = small_model(num_classes=19)
+    monkeypatch.setattr(evaluation, "available_memory", lambda device: 2**30)
+    with pytest.raises(ValueError, match=r"--whole.*6000x4000.*4.8 GiB.*1.0 GiB"):
+        evaluation.predict_labels(model, torch.zeros(3, 4000, 6000), (4000, 6000), slide=False)
+    assert evaluation.available_memory(torch.device("cpu")) > 0
+
+
+def test_save_dir_never_replaces_a_file_it_did_not_write(tmp_path):
+    """--save-dir pointing at a folder with files of the same names (here: the labels) is refused, for
+    --image and for --data, and nothing is written; a new folder works."""
+    write_checkpoint(tmp_path / "last.pt", num_classes=2)
+    root = own_folder(tmp_path / "mine", splits=("val",), count=2)
+    labels = root / "labels" / "val"
+    before = {p: p.read_bytes() for p in labels.iterdir()}
+    for argv in (["--image", str(root / "images" / "val")], ["--data", f"folder={root}"]):
+        target = labels if argv[0] == "--image" else tmp_path / "preds"
+        if argv[0] == "--data":  # a previous evaluation's predictions are someone's files too
+            (target / evaluation.folder_name(str(root))).mkdir(parents=True)
+            (target / evaluation.folder_name(str(root)) / "0.png").write_bytes(b"mine")
+        with pytest.raises(FileExistsError, match=r"--save-dir .*already holds [12] of the 2 files.*0.png.*nothing"):
+            evaluation.main(evaluation.parse_args(["--ckpt", str(tmp_path / "last.pt"), *argv, "--save-dir",
+                                                   str(target), "--workers", "0"]))
+    assert {p: p.read_bytes() for p in labels.iterdir()} == before
+    assert (tmp_path / "preds" / evaluation.folder_name(str(root)) / "0.png").read_bytes() == b"mine"
+    evaluation.main(evaluation.parse_args(["--ckpt", str(tmp_path / "last.pt"), "--image", str(root / "images"),
+                                           "--save-dir", str(tmp_path / "new")]))
+    assert sorted(p.name for p in (tmp_path / "new" / "val").iterdir()) == ["0.png", "1.png"]
+
+
+def test_a_diverging_run_stops_with_its_message_and_never_saves_non_finite_weights(tmp_path):
+    """--lr 5 makes the model diverge: the run stops with the iteration, what last.pt keeps and what to
+    try, before any matching error; every checkpoint it wrote is finite. Weights that are not finite
+    are never written over a good last.pt."""
+    out = tmp_path / "run"
+    proc = run_script("train.py", *TINY_RUN, "--lr", "5", "--iters", "30", "--save-every", "1", "--out", str(out))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert re.search(r"error: the loss is nan at iteration (\d+).*last.pt keeps iteration \d+.*lower --lr",
+                     proc.stderr), proc.stderr[-2000:]
+    assert "non-finite" not in proc.stderr and "Traceback" not in proc.stderr
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    model = small_model()
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).fill_(float("inf"))
+    args = train.parse_args(TINY_RUN + ["--out", str(out)])
+    with pytest.raises(FloatingPointError, match=r"not finite after iteration 7.*keeps iteration"):
+        train.save_checkpoint(args, dict(iteration=7), model, None, None, rank=0, world_size=1)
+    assert torch.load(out / "last.pt", weights_only=True)["iteration"] == ckpt["iteration"]
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_removes_the_partial_one(tmp_path, monkeypatch):
+    """torch.save failing half-way (as on a full disk) leaves last.pt as it was and no last.pt.tmp, and
+    the error says that the disk is full."""
+    out = tmp_path / "run"
+    train.main(train.parse_args(TINY_RUN + ["--iters", "2", "--out", str(out)]))
+    before = (out / "last.pt").read_bytes()
+
+    def full_disk(obj, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 3008")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 100, 0))
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    args = train.parse_args(TINY_RUN + ["--out", str(out)])
+    with pytest.raises(OSError, match=r"could not write .*last.pt \(the disk is full\).*previous one is kept"):
+        train.save_checkpoint(args, dict(iteration=3), model, optimizer, schedule, rank=0, world_size=1)
+    assert (out / "last.pt").read_bytes() == before and not (out / "last.pt.tmp").exists()
+
+
+def test_a_second_run_on_the_same_folder_is_refused_naming_the_first(tmp_path):
+    """While a run holds OUT/run.lock, another run on OUT stops before reading or writing anything there."""
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / "run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write("process 4242 on gpu-node-7\n")
+        lock.flush()
+        with pytest.raises(FileExistsError, match=r"--out .*run belongs to a run that is still going \(process 4242"):
+            train.main(train.parse_args(TINY_RUN + ["--iters", "2", "--out", str(out)]))
+        assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+    train.main(train.parse_args(TINY_RUN + ["--iters", "2", "--out", str(out)]))  # the lock went with its holder
+    assert (out / "last.pt").exists()
+
+
+def test_a_stop_signal_during_validation_ends_it_with_last_pt_written(tmp_path, monkeypatch):
+    """SIGTERM while validation runs (torchrun gives 30 s): the validation stops at the next image, last.pt
+    holds the iteration, no partial validation is logged, and the same command resumes."""
+    out = tmp_path / "run"
+    predict, calls = evaluation.predict_labels, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as torchrun sends it, in the middle of the validation
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "predict_labels", signalled)
+    with pytest.raises(train.Interrupted, match="signal 15 at iteration 3"):
+        train.main(train.parse_args(TINY_RUN + ["--iters", "6", "--eval-every", "3", "--save-every", "100",
+                                                "--out", str(out)]))
+    assert len(calls) == 1 and torch.load(out / "last.pt", weights_only=True)["iteration"] == 3
+    assert not any("val" in json.loads(line) for line in (out / "log.jsonl").read_text().splitlines())
+    monkeypatch.setattr(evaluation, "predict_labels", predict)
+    results = train.main(train.parse_args(TINY_RUN + ["--iters", "6", "--eval-every", "3", "--save-every", "100",
+                                                      "--out", str(out)]))
+    assert results["synthetic:photo"]["images"] == 20
+
+
+def test_checkpoints_carry_their_class_names_and_backbone_weights(tmp_path):
+    """A run on a folder with classes.txt names its classes in --image legends; evaluating with other
+    backbone weights than the run's is refused, naming the fingerprints."""
+    root = own_folder(tmp_path / "mine", values=(0, 1, 2))
+    (root / "classes.txt").write_text("soil\nweed\ncrop\n")
+    torch.manual_seed(0)
+    weights = tmp_path / "vits14.pth"
+    torch.save(vit.build_vit("vits14").state_dict(), weights)
+    out = tmp_path / "run"
+    train.main(train.parse_args(own_run(f"folder={root}", out, "--weights", str(weights))))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["classes"] == ["soil", "weed", "crop"] and len(ckpt["palette"]) == 3
+    model, loaded = evaluation.load_checkpoint(out / "last.pt")
+    assert evaluation.class_names(loaded, 3)[0] == ("soil", "weed", "crop")
+    evaluation.main(evaluation.parse_args(["--ckpt", str(out / "last.pt"), "--image", str(root / "images" / "val"),
+                                           "--save-dir", str(tmp_path / "preds")]))
+    legend = np.asarray(Image.open(tmp_path / "preds" / "0.png"))[32:]  # the strip under the picture
+    assert any((legend == colour).all(-1).sum() >= 50 for colour in ckpt["palette"])
+    torch.save(vit.build_vit("vits14").state_dict(), weights)  # the same file name, other weights
+    with pytest.raises(ValueError, match=r"last.pt .*other backbone weights than .*vits14.pth.*fingerprints.*--weights"):
+        evaluation.load_checkpoint(out / "last.pt")
+    with pytest.raises(ValueError, match=r"cannot resume .*other backbone weights"):
+        train.main(train.parse_args(own_run(f"folder={root}", out, "--weights", str(weights))))
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path):
+    """16-bit grey PNGs keep their shades (not all white); an EXIF-rotated JPEG turns as its tag says, in
+    training and prediction alike; a label of the unturned size is refused naming EXIF."""
+    grey = tmp_path / "grey16.png"
+    Image.fromarray(np.linspace(0, 65535, 64 * 48).reshape(48, 64).astype(np.uint16)).save(grey)
+    shown = np.asarray(data.read_rgb(grey))
+    assert shown.shape == (48, 64, 3) and shown.min() == 0 and shown.max() == 255 and 120 < shown.mean() < 135
+    picture = np.zeros((32, 48, 3), np.uint8)
+    picture[:, :24] = 255  # left half white as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: a viewer rotates the stored pixels by 90 degrees clockwise
+    root = tmp_path / "mine"
+    (root / "images").mkdir(parents=True)
+    Image.fromarray(picture).save(root / "images" / "0.jpg", exif=exif)
+    turned = np.asarray(data.read_rgb(root / "images" / "0.jpg"))
+    assert turned.shape == (48, 32, 3) and turned[:24].mean() > 200 and turned[24:].mean() < 50
+    save(root / "labels" / "0.png", np.array([[0] * 32] * 24 + [[1] * 32] * 24, dtype=np.uint8))  # drawn as shown
+    image, label = build_dataset("folder", root, "train", train=True, crop_size=32)[0]
+    assert image.shape == (3, 32, 32) and label.shape == (32, 32)
+    save(root / "labels" / "0.png", np.zeros((32, 48), dtype=np.uint8) + np.array([0, 1] * 24, np.uint8))
+    with pytest.raises(ValueError, match=r"label .*0.png is 48x32 but image .*0.jpg is 32x48.*EXIF"):
+        build_dataset("folder", root, "train", train=True, crop_size=32)[0]
+
+
+def test_image_prediction_with_no_picture_is_an_error(tmp_path):
+    """--image on a folder without a picture stops with an error instead of 'wrote 0 predictions'."""
+    write_checkpoint(tmp_path / "last.pt")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("no picture here")
+    with pytest.warns(UserWarning, match="notes.txt"), pytest.raises(ValueError, match=r"--image .*docs.*no image"):
+        evaluation.main(evaluation.parse_args(["--ckpt", str(tmp_path / "last.pt"), "--image",
+                                               str(tmp_path / "docs"), "--save-dir", str(tmp_path / "out")]))
+
+
+def test_without_encoder_layers_every_trainable_parameter_gets_a_gradient():
+    """--encoder-layers 0 (README's simplest head): DDP needs a gradient for every trainable parameter,
+    which the pixel decoder's level embedding, used by the encoder only, did not get."""
+    model = small_model(encoder_layers=0)
+    model.loss(torch.randn(2, 3, 64, 64), synthetic_labels(3).repeat(2, 1, 1))["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_help_explains_every_option_and_folder_runs_are_named_after_their_folder(capsys, tmp_path):
+    """Every option of train.py --help says what it is; the progress bar's figures are explained; a
+    folder= run goes to runs/ and the folder's own name."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--crop-size", "--patch-size", "--lr", "--num-queries", "--head-dim", "--seed", "--weight-decay"):
+        described = re.search(re.escape(option) + r" [A-Z_]+ (.*?) \((default|demo): ", text)
+        assert described and len(described[1]) > 10, option
+    assert re.search(r"loss, the training loss summed over the head's predictions.*img_s, training images", text)
+    own = own_folder(tmp_path / "crops", splits=("train",))
+    assert train.parse_args(["--data", f"folder={own}"]).out == Path("runs") / "crops"
 
 
 # ---------------------------------------------------------------------------------------------
