@@ -633,7 +633,11 @@ def _folder_classes(root: Path) -> tuple[str, ...]:
     values = sorted(v for v in found if v != IGNORE)
     names_file = root / "classes.txt"
     if names_file.is_file():
-        names = tuple(line.strip() for line in names_file.read_text().splitlines() if line.strip())
+        try:
+            names = tuple(line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip())
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{names_file} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8, "
+                             f"one class name per line") from None
         if not 2 <= len(names) <= 255:
             raise ValueError(f"{names_file} lists {len(names)} class names; expected 2..255, one per line "
                              f"(a binary task has two: e.g. background and the object)")
@@ -672,7 +676,7 @@ def _folder_files(root: Path, split: str, subset: str | None) -> dict:
                                 f"expected images/{split} and labels/{split} under {root}")
     else:
         image_dir, label_dir = root / "images", root / "labels"
-    images = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
     found = sorted(label_dir.rglob("*"), key=lambda p: p.suffix.lower() == ".png")  # a .png wins a tie
     labels = {p.relative_to(label_dir).with_suffix(""): p for p in found if p.suffix.lower() in LABEL_SUFFIXES}
 

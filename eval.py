@@ -64,7 +64,10 @@ def slide_inference(model: rein.Segmenter, image: Tensor, *, window: int = 512, 
     boxes = [(y, x) for y in window_starts(H, window, stride) for x in window_starts(W, window, stride)]
     crops = torch.stack([padded[:, y:y + window, x:x + window] for y, x in boxes])  # (n, 3, window, window)
     scores = counts = None
-    for i in range(0, len(boxes), batch_size):
+    # A large picture takes many batches: their own progress bar, under the one of the images.
+    batches = tqdm(range(0, len(boxes), batch_size), desc=f"windows of {w}x{h}", leave=False,
+                   disable=len(boxes) <= 8 * batch_size or world()[0] > 0)
+    for i in batches:
         out = model.predict(crops[i:i + batch_size]).float()  # (b, K, window, window)
         if scores is None:
             scores = out.new_zeros(out.shape[1], H, W)
@@ -81,7 +84,23 @@ def whole_inference(model: rein.Segmenter, image: Tensor) -> Tensor:
     _, h, w = image.shape
     p = model.backbone.vit.patch_size
     padded = F.pad(image, (0, -w % p, 0, -h % p))
-    return model.predict(padded[None]).float()[0, :, :h, :w]
+    blocks = model.backbone.vit.blocks
+    if padded[0].numel() // p**2 <= 64**2 or world()[0] > 0:
+        return model.predict(padded[None]).float()[0, :, :h, :w]
+    # A pass over a large picture takes minutes on a CPU (attention grows with the square of the
+    # patches): a bar that moves with the ViT's blocks, ticked by forward hooks for this pass only.
+    with tqdm(total=len(blocks) + 1, desc=f"one pass over {w}x{h}", leave=False) as bar:
+        def tick(*_) -> None:  # a hook that returned something would replace the block's output
+            bar.update()
+
+        hooks = [block.register_forward_hook(tick) for block in blocks]
+        try:
+            scores = model.predict(padded[None]).float()[0, :, :h, :w]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        bar.update()  # the head
+    return scores
 
 
 def available_memory(device: torch.device) -> int:

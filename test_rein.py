@@ -2395,13 +2395,19 @@ def test_a_bad_sample_in_a_loader_worker_ends_train_and_eval_with_its_message(tm
     assert "Traceback" not in proc.stderr and time.time() - start < 50
 
 
-def test_whole_image_inference_that_cannot_fit_is_refused_up_front(monkeypatch):
-    """--whole on a 6000 x 4000 picture: refused before any work, with the size and the memory it needs."""
-    model = small_model(num_classes=19)
+def test_long_inference_shows_progress_and_a_whole_pass_that_cannot_fit_is_refused(monkeypatch, capsys):
+    """--whole on a 6000 x 4000 picture: refused before any work, with the size and the memory it needs.
+    A pass that fits over a large picture, and the windows of one, move a progress bar of their own."""
+    model = small_model(num_classes=19).eval()
     monkeypatch.setattr(evaluation, "available_memory", lambda device: 2**30)
     with pytest.raises(ValueError, match=r"--whole.*6000x4000.*4.8 GiB.*1.0 GiB"):
         evaluation.predict_labels(model, torch.zeros(3, 4000, 6000), (4000, 6000), slide=False)
+    monkeypatch.undo()
     assert evaluation.available_memory(torch.device("cpu")) > 0
+    evaluation.predict_labels(model, torch.zeros(3, 1040, 1040), (1040, 1040), slide=False)
+    assert re.search(r"one pass over 1040x1040: +[1-9]\d*%.*/13", capsys.readouterr().err)
+    evaluation.predict_labels(model, torch.zeros(3, 96, 1600), (96, 1600), window=32, stride=32, batch_size=2)
+    assert re.search(r"windows of 1600x96: +[1-9]\d*%.*/75", capsys.readouterr().err)
 
 
 def test_save_dir_never_replaces_a_file_it_did_not_write(tmp_path):
