@@ -17,8 +17,9 @@ commutes with resizing and with sampling at points: the attention masks and the 
 never build the full-resolution masks of all queries (Mask2Former builds 10 x 100 of them
 per image), only the matched ones, with the same results.
 
-Reading order: positions, the pixel decoder, the transformer decoder, the head, Hungarian
-matching (`linear_sum_assignment_batch`, written in numpy), the set loss, semantic inference.
+Reading order: positions, the pixel decoder, the transformer decoder, the head, the targets
+and the matcher (`HungarianMatcher`: the cost, then `linear_sum_assignment_batch`, written in
+numpy), the set loss (`SetCriterion`), semantic inference.
 """
 
 import math
