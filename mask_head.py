@@ -137,14 +137,16 @@ def sample_levels(value: Tensor, shapes: list[tuple[int, int]], locations: Tenso
     B, _, M, d = value.shape
     _, Lq, _, L, P, _ = locations.shape
     levels = value.split([h * w for h, w in shapes], dim=1)  # L x (B, h*w, M, d)
-    grids = locations.transpose(1, 2).flatten(0, 1) * 2 - 1  # (B*M, Lq, L, P, 2) in [-1, 1]
-    attention = weights.transpose(1, 2).flatten(0, 1)[:, None]  # (B*M, 1, Lq, L, P)
+    # Per level, the points as rows and the queries along them: the sum over the P points then
+    # adds whole rows, which the CPU does about twice as fast as sums of P neighbours.
+    grids = locations.permute(3, 0, 2, 4, 1, 5).flatten(1, 2) * 2 - 1  # (L, B*M, P, Lq, 2) in [-1, 1]
+    attention = weights.permute(3, 0, 2, 4, 1).flatten(1, 2)[:, :, None]  # (L, B*M, 1, P, Lq)
     out = 0
     for level, (h, w) in enumerate(shapes):
         maps = levels[level].permute(0, 2, 3, 1).reshape(B * M, d, h, w)  # (B*M, d, h, w)
-        sampled = F.grid_sample(maps, grids[:, :, level], mode="bilinear", padding_mode="zeros",
-                                align_corners=False)  # (B*M, d, Lq, P)
-        out = out + (sampled * attention[..., level, :]).sum(-1)  # (B*M, d, Lq)
+        sampled = F.grid_sample(maps, grids[level], mode="bilinear", padding_mode="zeros",
+                                align_corners=False)  # (B*M, d, P, Lq)
+        out = out + (sampled * attention[level]).sum(2)  # (B*M, d, Lq)
     return out.view(B, M * d, Lq).transpose(1, 2)  # (B, Lq, M*d)
 
 
@@ -637,8 +639,9 @@ class SetCriterion(nn.Module):
         for b, ((_, masks), query, feature) in enumerate(zip(targets, queries, features)):
             matched = query >= 0
             pred.append(mask_logits(embedding[b, query[matched]][None], feature[None])[0])  # (n_b, h, w)
-            target.append(masks[matched])  # (n_b, H, W)
-        pred, target = torch.cat(pred), torch.cat(target)  # (n, h, w), (n, H, W)
+            # Unless there are more targets than queries, every target is matched and nothing is copied.
+            target.append(masks if matched.all() else masks[matched])  # (n_b, H, W)
+        pred = torch.cat(pred)  # (n, h, w)
         if not len(pred):
             # No labelled pixel in the batch. DDP needs every parameter in the graph on every
             # step, so return zeros that still depend on the masks.
@@ -646,7 +649,9 @@ class SetCriterion(nn.Module):
             return zero, zero
         # The same points on both masks: in [-1, 1], so they fall alike on masks of any size.
         points = self.uncertain_points(pred)  # (n, P, 2)
-        x, t = point_sample(pred, points), point_sample(target, points)  # (n, P)
+        x = point_sample(pred, points)  # (n, P)
+        # Each image's target masks sampled where they are, at their pairs' points: no copy of them.
+        t = torch.cat([point_sample(masks, p) for masks, p in zip(target, points.split([len(m) for m in target]))])
         bce = F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1).sum()
         sig = x.sigmoid()
         dice = (1 - (2 * (sig * t).sum(1) + 1) / (sig.sum(1) + t.sum(1) + 1)).sum()
