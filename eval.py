@@ -275,6 +275,8 @@ def run_command(main, args: argparse.Namespace, *, plain: tuple[type, ...] = ())
         return
     except plain as e:
         message = str(e)
+    except KeyboardInterrupt:
+        message = "interrupted"
     except (OSError, ValueError, FloatingPointError) as e:  # FileNotFoundError and PermissionError too
         message = f"error: {error_text(e)}"
     except Exception:
