@@ -409,10 +409,10 @@ def load_checkpoint(path: str | Path, weights: str | None = None) -> tuple[rein.
         config["weights"] = None  # the checkpoint holds the whole trained ViT
     model = rein.build_model(**config)
     model.load_trainable_state_dict(ckpt["model"], origin=str(path))
-    recorded = ckpt.get("backbone_fingerprint")
-    if recorded and config["method"] != "full" and model.backbone_fingerprint() != recorded:
+    recorded, now = ckpt.get("backbone_fingerprint"), model.backbone_fingerprint()
+    if recorded and config["method"] != "full" and now != recorded:
         raise ValueError(f"{path} was trained on other backbone weights than {config['weights'] or 'the random ones'} "
-                         f"(their fingerprints differ: {recorded} recorded, {model.backbone_fingerprint()} now); "
+                         f"(their fingerprints differ: {recorded} recorded, {now} now); "
                          f"pass the weights it was trained on with --weights (the run's args.json names them)")
     return model, ckpt
 
