@@ -230,8 +230,10 @@ class PixelDecoder(nn.Module):
         self.output_conv = ConvGN(in_dim=dim, dim=dim, kernel_size=3, bias=False)
         self.mask_feature = nn.Conv2d(dim, dim, 1)
 
-    def forward(self, maps: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        """maps: 4 x (B, in_dim, h, w), the ViT's features from shallow to deep, at its patch grid.
+    def forward(self, maps: list[Tensor], scales: tuple[float, ...] = (4, 2, 1, 0.5)) -> tuple[list[Tensor], Tensor]:
+        """maps: 4 x (B, in_dim, h_i, w_i), the backbone's features from shallow to deep; `scales`:
+        the factors that bring them to strides 4, 8, 16, 32 (a ViT's maps all sit at its patch
+        grid; the official CLIP's FPN has resized them already: all 1).
 
         Returns the memories (B, dim, h_l, w_l) at strides 32, 16, 8 (h/2, h, 2h for patch 16)
         and the mask features (B, dim, 4h, 4w).
@@ -241,7 +243,7 @@ class PixelDecoder(nn.Module):
         maps = [m.contiguous() for m in maps]
         # The deepest map becomes stride 32, the next ones 16 and 8, as the official backbone
         # resizes them (x0.5, x1, x2), but projected first (see ConvGN).
-        levels = [conv(m, scale) for conv, m, scale in zip(self.input_convs, maps[:0:-1], (0.5, 1, 2))]
+        levels = [conv(m, scale) for conv, m, scale in zip(self.input_convs, maps[:0:-1], scales[:0:-1])]
         B, C = levels[0].shape[:2]
         shapes = [tuple(level.shape[-2:]) for level in levels]
         x = torch.cat([level.flatten(2) for level in levels], dim=2).transpose(1, 2)  # (B, sum h*w, C)
@@ -253,7 +255,7 @@ class PixelDecoder(nn.Module):
             x = layer(x, pos, reference, shapes)
         memories = [m.transpose(1, 2).reshape(B, C, h, w)  # (B, h*w, C) -> (B, C, h, w)
                     for m, (h, w) in zip(x.split([h * w for h, w in shapes], dim=1), shapes)]
-        fine = self.lateral_conv(maps[0], scale=4)  # stride 4
+        fine = self.lateral_conv(maps[0], scale=scales[0])  # stride 4
         fine = fine + F.interpolate(memories[-1], size=fine.shape[-2:], mode="bilinear", align_corners=False)
         return memories, self.mask_feature(F.relu(self.output_conv(fine)))
 
@@ -328,14 +330,16 @@ def attention_mask(embedding: Tensor, features: Tensor) -> Tensor:
 class MaskHead(nn.Module):
     """Pixel decoder + masked-attention decoder predicting a class and a mask per query.
 
-    With `rein_queries`, the query features are `query_proj(Q)` (a Linear) and the query
-    positions are Q itself, where Q (num_queries, dim) comes from Rein (rein.py); otherwise
-    both are learned embeddings, as in plain Mask2Former. The paper: `encoder_layers=6`,
+    With `rein_queries`, the query positions are Q (num_queries, dim) from Rein (rein.py), and
+    the query features `query_proj(Q)` (a Linear; the official configs' `replace_query_feat`)
+    or, without `replace_query_feat`, a learned embedding (the official SAM and CLIP
+    releases); otherwise both are learned embeddings, as in plain Mask2Former. The paper: `encoder_layers=6`,
     `decoder_layers=9`, `dim=256`, 8 heads, FFNs of 4 * dim in the encoder, 8 * dim in the decoder.
     """
 
     def __init__(self, *, in_dim: int, num_classes: int = 19, num_queries: int = 100, dim: int = 256,
-                 decoder_layers: int = 9, encoder_layers: int = 6, num_heads: int = 8, rein_queries: bool = False):
+                 decoder_layers: int = 9, encoder_layers: int = 6, num_heads: int = 8, rein_queries: bool = False,
+                 replace_query_feat: bool = True):
         super().__init__()
         if decoder_layers < NUM_LEVELS:
             raise ValueError(f"MaskHead: decoder_layers must be >= {NUM_LEVELS} (one pass over every level, "
@@ -343,10 +347,11 @@ class MaskHead(nn.Module):
         self.rein_queries = rein_queries
         self.pixel_decoder = PixelDecoder(in_dim=in_dim, dim=dim, encoder_layers=encoder_layers)
         self.level_embed = nn.Embedding(NUM_LEVELS, dim)
-        if rein_queries:
+        if rein_queries and replace_query_feat:
             self.query_proj = nn.Linear(dim, dim)
         else:
             self.query_feat = nn.Embedding(num_queries, dim)
+        if not rein_queries:
             self.query_embed = nn.Embedding(num_queries, dim)
         self.layers = nn.ModuleList(DecoderLayer(dim=dim, num_heads=num_heads, ffn_dim=8 * dim)
                                     for _ in range(decoder_layers))
@@ -365,14 +370,16 @@ class MaskHead(nn.Module):
             nn.init.kaiming_uniform_(conv.weight, a=1)
         nn.init.zeros_(self.pixel_decoder.mask_feature.bias)
 
-    def forward(self, maps: list[Tensor], queries: Tensor | None = None) -> tuple[Predictions, Tensor]:
-        """maps: 4 x (B, in_dim, h, w) from the backbone; queries: (num_queries, dim) from Rein, or None.
+    def forward(self, maps: list[Tensor], queries: Tensor | None = None, scales: tuple[float, ...] = (4, 2, 1, 0.5)
+                ) -> tuple[Predictions, Tensor]:
+        """maps: 4 x (B, in_dim, h, w) from the backbone, brought to strides 4 to 32 by `scales` (see
+        PixelDecoder); queries: (num_queries, dim) from Rein, or None.
 
         Returns decoder_layers + 1 pairs (class logits (B, Q, K+1), mask embeddings (B, Q, dim)),
         after the query init and after each layer (the last is the final prediction), and the
         mask features (B, dim, 4h, 4w): `mask_logits` of the two gives the masks.
         """
-        memories, mask_features = self.pixel_decoder(maps)
+        memories, mask_features = self.pixel_decoder(maps, scales)
         # CPU shrinks channels-last maps tens of times faster than row-major ones.
         small = mask_features.detach().contiguous(memory_format=torch.channels_last)
         keys, key_pos, level_features = [], [], []
@@ -384,11 +391,10 @@ class MaskHead(nn.Module):
             # features instead is the same (masks are linear in them) and far smaller.
             level_features.append(F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False))
         B = mask_features.shape[0]
-        if self.rein_queries:
-            query_pos = queries[None].expand(B, -1, -1)  # (B, Q, dim)
+        query_pos = (queries if self.rein_queries else self.query_embed.weight)[None].expand(B, -1, -1)  # (B, Q, dim)
+        if hasattr(self, "query_proj"):
             query = self.query_proj(query_pos)
         else:
-            query_pos = self.query_embed.weight[None].expand(B, -1, -1)  # (B, Q, dim)
             query = self.query_feat.weight[None].expand(B, -1, -1)
         predictions = [self.predict(query)]
         for i, layer in enumerate(self.layers):

@@ -5,8 +5,9 @@ Semantic Segmentation" (Wei et al., CVPR 2024). The file reads in four parts:
 
 1. `Rein`, the layer: learnable tokens per block that refine the block's patch features,
    and the link from those tokens to the segmentation head's object queries.
-2. `ReinViT`, a frozen DINOv2 or DINOv3 whose blocks run one by one with Rein after each,
-   giving the four feature maps and the queries the head needs.
+2. `ReinViT`, a frozen foundation model (DINOv2, DINOv3, EVA02, CLIP, SAM, MAE) whose blocks
+   run one by one with Rein after each, giving the four feature maps and the queries the
+   head needs.
 3. `Segmenter`, backbone + mask head + loss, for the three methods the paper compares
    (Table 2): `rein` (only Rein and the head train), `freeze` (only the head trains) and
    `full` (everything trains, the backbone at 0.1x the learning rate).
@@ -34,8 +35,11 @@ from mask_head import official_name as head_official_name
 
 METHODS = ("rein", "freeze", "full")
 # The official configs take ViT-L's blocks 7, 11, 15, 23: a third, half, two thirds and all
-# of the depth. Other depths use the same fractions.
+# of the depth. Other depths use the same fractions; SAM gives its four global blocks.
 FEATURE_DEPTHS = (1 / 3, 1 / 2, 2 / 3, 1)
+# Where Rein sits: after every block (the paper), or after SAM's four global blocks only (the
+# official SAM-H release).
+REIN_BLOCKS = ("every", "global")
 # Under `full`, the backbone learns at this fraction of the head's learning rate, as in the
 # official configs; without it, full fine-tuning collapses (users of the official code saw the
 # mean mIoU fall to about 32).
@@ -108,29 +112,42 @@ class Rein(nn.Module):
 
 
 class ReinViT(nn.Module):
-    """A DINOv2 or DINOv3 ViT whose blocks run one by one, with Rein (if any) after every block.
+    """A foundation-model ViT whose blocks run one by one, with Rein (if any) after its blocks.
 
     The ViT is frozen unless `train_vit` (the `full` method). A frozen ViT stays in eval
     mode and holds no gradients; the backward pass still flows through its blocks to the
-    Rein layers before them, but computes no weight gradients. `grad_ckpt` recomputes the
-    blocks in the backward pass instead of storing their activations.
+    Rein layers before them, but computes no weight gradients. `rein_blocks`: the blocks Rein
+    follows, "every" one or SAM's four "global" ones. `fpn`: the official CLIP model's FPN
+    (`clip_fpn`), which trains with Rein. `grad_ckpt` recomputes the blocks in the backward
+    pass instead of storing their activations.
     """
 
-    def __init__(self, vit_model: vit.VisionTransformer, rein: Rein | None, *, train_vit: bool = False,
-                 grad_ckpt: bool = False):
+    def __init__(self, vit_model: vit.VisionTransformer, rein: Rein | None, *, rein_blocks: str = "every",
+                 fpn: bool = False, train_vit: bool = False, grad_ckpt: bool = False):
         super().__init__()
         self.vit = vit_model
         self.rein = rein
         self.train_vit = train_vit
         self.grad_ckpt = grad_ckpt
         depth = len(vit_model.blocks)
-        self.feature_blocks = tuple(round(depth * f) - 1 for f in FEATURE_DEPTHS)
+        self.feature_blocks = vit_model.global_blocks or tuple(round(depth * f) - 1 for f in FEATURE_DEPTHS)
+        # Block i -> its Rein layer.
+        self.rein_layers = {b: i for i, b in enumerate(vit_model.global_blocks if rein_blocks == "global"
+                                                       else range(depth))}
+        if fpn:
+            self.fpn1, self.fpn2, self.fpn3, self.fpn4 = clip_fpn(vit_model.dim)
         self.vit.requires_grad_(train_vit)
-        # Two parts of DINOv2 are never used here: the mask token (pre-training only) and the
-        # final norm (the head reads the blocks' outputs). They never train, also because DDP
-        # stops at a trainable parameter that gets no gradient.
-        self.vit.mask_token.requires_grad_(False)
+        # Two parts of DINOv2 and DINOv3 are never used here: the mask token (pre-training only)
+        # and the final norm (the head reads the blocks' outputs). They never train, also because
+        # DDP stops at a trainable parameter that gets no gradient.
         self.vit.norm.requires_grad_(False)
+        if hasattr(self.vit, "mask_token"):
+            self.vit.mask_token.requires_grad_(False)
+
+    @property
+    def map_scales(self) -> tuple[float, ...]:
+        """The resizing that brings the four maps to strides 4, 8, 16 and 32 (see PixelDecoder)."""
+        return (1, 1, 1, 1) if hasattr(self, "fpn1") else (4, 2, 1, 0.5)
 
     def train(self, mode: bool = True) -> "ReinViT":
         super().train(mode)
@@ -139,27 +156,40 @@ class ReinViT(nn.Module):
         return self
 
     def forward(self, images: Tensor) -> tuple[list[Tensor], Tensor | None]:
-        """Images (B, 3, H, W) -> four maps (B, c, h, w) at the patch grid h x w, from blocks
-        at a third, half, two thirds and all of the depth, and the queries (m, q) or None
-        without Rein. The head resizes the maps to strides 4, 8, 16 and 32 itself."""
+        """Images (B, 3, H, W) -> four maps (B, c, h, w) at the patch grid h x w (at strides 4 to
+        32 with the FPN), from blocks at a third, half, two thirds and all of the depth, and the
+        queries (m, q) or None without Rein. The head resizes the maps by `map_scales`."""
         prefix = self.vit.num_prefix_tokens
         maps = []
         # Under `freeze` nothing before the head trains, so no graph is needed at all.
         with torch.set_grad_enabled(torch.is_grad_enabled() and (self.rein is not None or self.train_vit)):
             x, (h, w) = self.vit.prepare_tokens(images)
-            rope = self.vit.rope(h, w)  # DINOv3's rotary positions; None for DINOv2
+            rope = self.vit.rope(h, w)  # DINOv3's and EVA02's rotary positions, else None
             for i, block in enumerate(self.vit.blocks):
                 if self.grad_ckpt and torch.is_grad_enabled():
-                    x = checkpoint(block, x, rope, use_reentrant=False)
+                    x = checkpoint(block, x, rope, (h, w), use_reentrant=False)
                 else:
-                    x = block(x, rope)
-                if self.rein is not None:
+                    x = block(x, rope, (h, w))
+                if self.rein is not None and i in self.rein_layers:
                     # Class, register and storage tokens pass unchanged; only the patches are refined.
-                    x = torch.cat([x[:, :prefix], self.rein(x[:, prefix:], i)], dim=1)
+                    x = torch.cat([x[:, :prefix], self.rein(x[:, prefix:], self.rein_layers[i])], dim=1)
                 if i in self.feature_blocks:
                     patches = x[:, prefix:].transpose(1, 2)  # (B, c, h*w)
                     maps.append(patches.reshape(x.shape[0], -1, h, w))  # (B, c, h, w)
+        if hasattr(self, "fpn1"):
+            maps = [fpn(m) for fpn, m in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), maps)]
         return maps, self.rein.queries() if self.rein is not None else None
+
+
+def clip_fpn(c: int) -> tuple[nn.Module, ...]:
+    """The official Rein CLIP model's FPN: maps at the patch grid to strides 4, 8, 16, 32 with
+    transposed convolutions and a max-pool, each after a one-group GroupNorm (as in BEiT's
+    segmentation code). Module indices match the release file's."""
+    return (nn.Sequential(nn.GroupNorm(1, c), nn.ConvTranspose2d(c, c, 2, stride=2), nn.BatchNorm2d(c), nn.GELU(),
+                          nn.ConvTranspose2d(c, c, 2, stride=2)),
+            nn.Sequential(nn.GroupNorm(1, c), nn.ConvTranspose2d(c, c, 2, stride=2)),
+            nn.GroupNorm(1, c),
+            nn.Sequential(nn.GroupNorm(1, c), nn.MaxPool2d(2)))
 
 
 # -------------------------------------------------- 3. The segmenter and the paper's three methods
@@ -182,7 +212,7 @@ class Segmenter(nn.Module):
     def forward(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """The training losses for images (B, 3, H, W) and labels (B, H, W); 'loss' is the total."""
         maps, queries = self.backbone(images)
-        predictions, mask_features = self.head(maps, queries)
+        predictions, mask_features = self.head(maps, queries, self.backbone.map_scales)
         return self.criterion(predictions, mask_features, labels)
 
     def loss(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
@@ -192,7 +222,7 @@ class Segmenter(nn.Module):
     def predict(self, images: Tensor) -> Tensor:
         """Per-class scores (B, K, H, W) at the input resolution."""
         maps, queries = self.backbone(images)
-        predictions, mask_features = self.head(maps, queries)
+        predictions, mask_features = self.head(maps, queries, self.backbone.map_scales)
         class_logits, embedding = predictions[-1]
         # As in Mask2Former: the mask logits are resized to the input before the sigmoid.
         masks = F.interpolate(mask_logits(embedding, mask_features), size=images.shape[-2:], mode="bilinear",
@@ -200,8 +230,13 @@ class Segmenter(nn.Module):
         return semantic_inference(class_logits, masks)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """What trains, and so what a checkpoint stores: Rein and the head for `rein`."""
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        """What trains, and so what a checkpoint stores: Rein and the head for `rein` (and the FPN's
+        BatchNorm statistics, which train with it)."""
+        state = {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        for name, module in self.named_modules():
+            if isinstance(module, nn.BatchNorm2d) and module.weight.requires_grad:
+                state |= {f"{name}.{b}": t for b, t in module.named_buffers()}
+        return state
 
     def backbone_fingerprint(self) -> str:
         """A short digest of the backbone's weights, so that a checkpoint knows which weights it was
@@ -248,15 +283,16 @@ def count_trainable(module: nn.Module) -> int:
 
 def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str | dict | None = None,
                 num_classes: int = 19, patch_size: int = 16, num_queries: int = 100, head_dim: int = 256,
-                head_layers: int = 9, encoder_layers: int = 6, num_points: int = 12544,
-                grad_ckpt: bool = False) -> Segmenter:
-    """Builds the segmenter for `method` (rein, freeze or full) on a DINOv2 or DINOv3 `backbone`.
+                head_layers: int = 9, encoder_layers: int = 6, num_points: int = 12544, rein_blocks: str = "every",
+                fpn: bool = False, replace_query_feat: bool = True, grad_ckpt: bool = False) -> Segmenter:
+    """Builds the segmenter for `method` (rein, freeze or full) on a `backbone` of vit.ARCHS.
 
     `weights`: where the backbone's weights come from (see vit.load_pretrained); None gives a
     random backbone, always the same one (tests and the CPU demo). `head_layers` and
     `encoder_layers` are the head's transformer decoder and deformable encoder depths (9
-    and 6 in the paper). `model.config` keeps every argument except `grad_ckpt`, so that
-    a checkpoint can rebuild the model.
+    and 6 in the paper). `rein_blocks`, `fpn` and `replace_query_feat` rebuild the official
+    releases that differ from the paper's model (see `from_official`). `model.config` keeps
+    every argument except `grad_ckpt`, so that a checkpoint can rebuild the model.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -270,22 +306,31 @@ def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str 
         with torch.device("meta"):
             vit_model = vit.build_vit(backbone, patch_size)
         vit.load_pretrained(vit_model, weights)
+    if rein_blocks not in REIN_BLOCKS or (rein_blocks == "global" and not vit_model.global_blocks):
+        raise ValueError(f"rein_blocks must be 'every' or, for SAM, 'global'; got {rein_blocks!r} for {backbone}")
     rein = None
     if method == "rein":
-        rein = Rein(len(vit_model.blocks), vit_model.dim, num_tokens=num_queries, query_dim=head_dim,
-                    patch_size=patch_size)
-    backbone_module = ReinViT(vit_model, rein, train_vit=method == "full", grad_ckpt=grad_ckpt)
+        num_layers = len(vit_model.global_blocks) if rein_blocks == "global" else len(vit_model.blocks)
+        rein = Rein(num_layers, vit_model.dim, num_tokens=num_queries, query_dim=head_dim, patch_size=patch_size)
+    backbone_module = ReinViT(vit_model, rein, rein_blocks=rein_blocks, fpn=fpn, train_vit=method == "full",
+                              grad_ckpt=grad_ckpt)
     head = MaskHead(in_dim=vit_model.dim, num_classes=num_classes, num_queries=num_queries, dim=head_dim,
-                    decoder_layers=head_layers, encoder_layers=encoder_layers, rein_queries=rein is not None)
+                    decoder_layers=head_layers, encoder_layers=encoder_layers, rein_queries=rein is not None,
+                    replace_query_feat=replace_query_feat)
     config = dict(method=method, backbone=backbone, weights=weights, num_classes=num_classes,
                   patch_size=patch_size, num_queries=num_queries, head_dim=head_dim, head_layers=head_layers,
-                  encoder_layers=encoder_layers, num_points=num_points)
+                  encoder_layers=encoder_layers, num_points=num_points, rein_blocks=rein_blocks, fpn=fpn,
+                  replace_query_feat=replace_query_feat)
     criterion = SetCriterion(num_classes=num_classes, num_points=num_points)
     model = Segmenter(backbone=backbone_module, head=head, criterion=criterion, config=config)
     if not (dist.is_initialized() and dist.get_rank() > 0):
         frozen = sum(p.numel() for p in vit_model.parameters() if not p.requires_grad)
-        print(f"{method} on {backbone}: {count_trainable(backbone_module):,} trainable parameters in the "
-              f"backbone, {count_trainable(head):,} in the head; {frozen:,} frozen")
+        parts = [f"Rein {count_trainable(rein):,}"] if rein is not None else []
+        if fpn:
+            parts.append(f"FPN {sum(count_trainable(getattr(backbone_module, f'fpn{i}')) for i in range(1, 5)):,}")
+        print(f"{method} on {backbone}: {count_trainable(backbone_module):,} trainable parameters in the backbone"
+              f"{' (' + ', '.join(parts) + ')' if parts else ''}, {count_trainable(head):,} in the head; "
+              f"{frozen:,} frozen")
     return model
 
 
@@ -293,12 +338,13 @@ def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str 
 
 def official_name(name: str) -> str:
     """Our parameter name -> its name in an official release checkpoint (mmseg's): Rein under
-    backbone.reins., the ViT's own names under backbone., the head's mmdet names under decode_head."""
+    backbone.reins., the ViT's own names and CLIP's FPN under backbone., the head's mmdet names
+    under decode_head."""
     module, _, rest = name.partition(".")
     if module == "head":
         return "decode_head." + head_official_name(rest)
     part, _, rest = rest.partition(".")
-    return {"rein": "backbone.reins.", "vit": "backbone."}[part] + rest
+    return {"rein": "backbone.reins.", "vit": "backbone."}.get(part, f"backbone.{part}.") + rest
 
 
 def read_official(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -313,49 +359,55 @@ def read_official(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def official_config(state: dict[str, Tensor]) -> dict:
-    """build_model arguments that rebuild an official model, read from its tensors' shapes."""
+    """build_model arguments that rebuild an official model's head, Rein and FPN, read from its
+    tensors (`rein_blocks` is settled against the backbone, in `from_official`)."""
     def count(prefix: str) -> int:
         return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
 
     cls_embed = state["decode_head.cls_embed.weight"]  # (K + 1, dim)
     rein = "backbone.reins.learnable_tokens_a" in state
-    queries = state["backbone.reins.learnable_tokens_a" if rein else "decode_head.query_embed.weight"]
+    queries = state["backbone.reins.learnable_tokens_a" if rein else "decode_head.query_feat.weight"]
     return dict(method="rein" if rein else "freeze", num_classes=cls_embed.shape[0] - 1, patch_size=16,
                 num_queries=queries.shape[-2], head_dim=cls_embed.shape[1],
                 head_layers=count("decode_head.transformer_decoder.layers."),
-                encoder_layers=count("decode_head.pixel_decoder.encoder.layers."))
+                encoder_layers=count("decode_head.pixel_decoder.encoder.layers."),
+                fpn="backbone.fpn1.1.weight" in state, replace_query_feat="decode_head.querys2feat.weight" in state)
 
 
 def from_official(checkpoint: str | os.PathLike, weights: str | os.PathLike | None = None) -> Segmenter:
     """A segmenter in eval mode from an official Rein release file, giving the official outputs.
 
-    `checkpoint`: the release's .pth (Rein and the head; or, for the frozen baseline of
-    configs/frozen_vfms, the head with the whole converted backbone). `weights`: the DINOv2
-    weights as `--weights` takes them (name, URL, path), the release's own
-    `dinov2_converted.pth` included; optional when the checkpoint holds the backbone.
+    `checkpoint`: the release's .pth (Rein and the head, and CLIP's FPN; or, for the frozen
+    baseline of configs/frozen_vfms, the head with the whole converted backbone). `weights`:
+    the backbone's weights as `--weights` takes them (name, URL, path): the upstream file or
+    the release's converted one (dinov2_converted.pth, eva02_L_converted.pth, ...); optional
+    when the checkpoint holds the backbone. Which model it is comes from the weights; the
+    release's tensors must fit it.
     """
     state = read_official(checkpoint)
     config = official_config(state)
-    if weights is not None:
-        dinov2 = vit.read_weights(weights)
-    else:
-        dinov2 = {k[len("backbone."):]: v for k, v in state.items()
-                  if k.startswith("backbone.") and not k.startswith("backbone.reins.")}
-        if not dinov2:
-            raise ValueError(f"{checkpoint} holds no backbone weights: name the DINOv2 weights it was trained on "
-                             f"with --weights (e.g. vitl14, or the release's dinov2_converted.pth)")
-        dinov2 = vit.read_weights(dinov2, origin=f"the backbone in {checkpoint}")
-    found, backbone = vit.describe(dinov2)
-    depth = vit.num_blocks(dinov2)
-    tokens = state.get("backbone.reins.learnable_tokens_b")  # (N, r, c): N blocks of width c
+    source = weights
+    if source is None:
+        source = {k[len("backbone."):]: v for k, v in state.items()
+                  if k.startswith("backbone.") and not k.startswith(("backbone.reins.", "backbone.fpn"))}
+        if not source:
+            raise ValueError(f"{checkpoint} holds no backbone weights: name the weights it was trained on with "
+                             f"--weights (e.g. vitl14, eva02_vitl14, or the release's converted backbone file)")
+    backbone_state, family = vit.read_weights(source, origin=f"the backbone in {checkpoint}" if weights is None
+                                              else None)
+    found, backbone = vit.describe(backbone_state, family)
+    depth = vit.num_blocks(backbone_state)
+    global_blocks = vit.global_blocks(depth) if family == "sam" else ()
+    tokens = state.get("backbone.reins.learnable_tokens_b")  # (N, r, c): N Rein layers of width c
     head_width = state["decode_head.pixel_decoder.input_convs.0.conv.weight"].shape[1]
-    trained_on = (tokens.shape[0], tokens.shape[2]) if tokens is not None else (depth, head_width)
-    if (depth, dinov2["cls_token"].shape[-1]) != trained_on:
-        raise ValueError(f"{checkpoint} was trained on a backbone of {trained_on[0]} blocks of width "
-                         f"{trained_on[1]}, but {weights or checkpoint} holds {backbone} ({found})")
-    model = build_model(backbone=backbone, weights=dinov2, **config)
+    layers, width = (tokens.shape[0], tokens.shape[2]) if tokens is not None else (depth, head_width)
+    if width != backbone_state["patch_embed.proj.weight"].shape[0] or layers not in (depth, len(global_blocks)):
+        raise ValueError(f"{checkpoint} was trained on a backbone of width {width} with {layers} Rein layers, but "
+                         f"{weights or checkpoint} holds {backbone} ({found})")
+    model = build_model(backbone=backbone, weights=source, rein_blocks="every" if layers == depth else "global",
+                        **config)
     model.config["weights"] = None if weights is None else str(weights)
-    ours = {official_name(k): k for k in model.trainable_state_dict()}  # Rein and the head
+    ours = {official_name(k): k for k in model.trainable_state_dict()}  # Rein, the FPN and the head
     # The backbone weights a frozen-baseline file holds are loaded already; a name we do not
     # know stays as it is, to be named as unexpected.
     release = {ours.get(k, k): v for k, v in state.items() if k in ours or not k.startswith("backbone.")}

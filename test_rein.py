@@ -93,15 +93,16 @@ def test_vit_parameter_counts(name, patch, expected):
 
 
 def test_vit_every_backbone_name_builds_its_own_model():
-    """build_vit(name) takes every name --backbone takes, with the family's own patch and extra tokens;
-    a patch size is an option for DINOv2 only."""
+    """build_vit(name) takes every name --backbone takes, with the family's own patch (the name's last
+    digits) and extra tokens; DINOv3 takes no other patch size."""
     names = [a + r for a, spec in vit.ARCHS.items() for r in (("", "_reg4") if spec[0] == "dinov2" else ("",))]
     for name in names:
         with torch.device("meta"):
             model = vit.build_vit(name)
         v3 = name.startswith("dinov3")
-        assert model.patch_size == (16 if v3 else 14), name
+        assert model.patch_size == int(re.search(r"vit[a-z](\d+)", name)[1]), name
         assert model.num_registers == (4 if v3 or name.endswith("_reg4") else 0), name
+        assert model.num_prefix_tokens == (0 if name.startswith("sam") else 1 + model.num_registers), name
         assert train.parse_args(["--backbone", name]).backbone == name
     with torch.device("meta"):
         assert vit.build_vit("vitl14_reg4", 16).patch_size == 16
@@ -438,10 +439,10 @@ def test_vit_errors_are_clear(tmp_path):
         vit.load_pretrained(small, tmp_path / "nope.pth")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth .*DINOv2 or DINOv3 weights"):
+    with pytest.raises(ValueError, match="junk.pth .*pretrained backbone weights"):
         vit.load_pretrained(small, junk)
     torch.save({"model": {}}, tmp_path / "wrapped.pth")
-    with pytest.raises(ValueError, match="wrapped.pth .*DINOv2 or DINOv3 state dict.*cls_token.*model"):
+    with pytest.raises(ValueError, match="wrapped.pth .*DINOv2, DINOv3, EVA02, CLIP, SAM or MAE.*qkv"):
         vit.load_pretrained(small, tmp_path / "wrapped.pth")
     state = small.state_dict()
     with pytest.raises(ValueError, match="width 384, 12 blocks.*vits14, not vitl14"):
@@ -453,7 +454,7 @@ def test_vit_errors_are_clear(tmp_path):
     broken = dict(state)
     del broken["blocks.3.attn.proj.bias"]
     broken["head.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match="dinov2 layout") as error:
+    with pytest.raises(ValueError, match="DINOv2 layout") as error:
         vit.load_pretrained(small, broken)
     assert '"blocks.3.attn.proj.bias"' in str(error.value) and '"head.weight"' in str(error.value)
     with pytest.raises(ValueError, match="30x28 .*patch size 4"):
@@ -468,7 +469,7 @@ def test_vit_command_line_takes_reg4_names_and_rejects_bad_patches(monkeypatch, 
         return capsys.readouterr().out
 
     assert "4 registers, 304,372,736 parameters" in run("vitl14_reg4")
-    assert "dinov3, width 1024" in run("dinov3_vitl16")
+    assert "DINOv3, width 1024" in run("dinov3_vitl16")
     with pytest.raises(SystemExit) as stop:
         run("vitl14", "--patch-size", "0")
     error = capsys.readouterr().err
@@ -798,7 +799,7 @@ def test_official_files_and_checkpoints_fail_clearly(tmp_path):
     with torch.device("meta"):
         vitb = vit.build_vit("vitb14", 16)
     torch.save({k: torch.zeros(v.shape) for k, v in vitb.state_dict().items()}, tmp_path / "dinov2_vitb.pth")
-    with pytest.raises(ValueError, match="release.pth .*12 blocks of width 384.*dinov2_vitb.pth .*vitb14.*width 768"):
+    with pytest.raises(ValueError, match="release.pth .*width 384 with 12 Rein layers.*dinov2_vitb.pth .*vitb14.*width 768"):
         rein.from_official(tmp_path / "release.pth", tmp_path / "dinov2_vitb.pth")
     write_release(tmp_path / "partial.pth", model, drop=("decode_head.querys2feat.bias",
                                                         "decode_head.pixel_decoder.encoder.layers.0.norms.1.weight"))
