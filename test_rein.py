@@ -431,6 +431,415 @@ def test_dinov3_loads_from_path_and_url_and_families_are_told_apart(tmp_path, mo
         vit.load_pretrained(model, "dinov3_vitl16")
 
 
+# The paper's other foundation models. Tiny sizes of each family (registered for the test under
+# their own names) keep the by-hand references and the runs fast; the real sizes are checked on
+# the meta device. Every reference reads the upstream layout directly, with the upstream names.
+
+TINY_ARCHS = {"eva02_vitt14": ("eva02", 128, 4, 2, "swiglu_ln", 14), "clip_vitt16": ("clip", 64, 4, 2, "quick_gelu", 16),
+              "sam_vitt16": ("sam", 64, 8, 2, "mlp", 16), "sam_vits16": ("sam", 96, 8, 2, "mlp", 16),
+              "mae_vitt16": ("mae", 64, 4, 2, "mlp", 16)}
+
+
+@pytest.fixture
+def tiny_archs(monkeypatch):
+    for name, spec in TINY_ARCHS.items():
+        monkeypatch.setitem(vit.ARCHS, name, spec)
+
+
+def randn(*shape, std=0.3, gen=None):
+    return torch.randn(*shape, generator=gen) * std
+
+
+def ln_params(prefix, n, gen):
+    return {f"{prefix}.weight": 1 + randn(n, std=0.2, gen=gen), f"{prefix}.bias": randn(n, std=0.1, gen=gen)}
+
+
+def linear(prefix, n_out, n_in, gen, bias=True, std=None):
+    std = std or n_in ** -0.5
+    return {f"{prefix}.weight": randn(n_out, n_in, std=std, gen=gen)} | (
+        {f"{prefix}.bias": randn(n_out, std=0.1, gen=gen)} if bias else {})
+
+
+@pytest.mark.parametrize("name, patch, expected", [
+    # The official modules' counts (w1oves/Rein's EVA2, CLIPVisionTransformer and SAMViT at 512 x 512, MAE's
+    # models_vit without its classifier), counted by running that code; EVA02 here also carries the masked,
+    # always-zero key bias (24 x 1024) that its fused qkv has in place of none.
+    ("eva02_vitl14", 16, 304_237_504 + 24 * 1024), ("clip_vitl14", 16, 304_148_480), ("sam_vith16", None, 632_175_360),
+    ("mae_vitl16", None, 303_099_904),
+])
+def test_other_backbones_parameter_counts(name, patch, expected):
+    with torch.device("meta"):
+        model = vit.build_vit(name, patch)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    if name == "sam_vith16":
+        assert model.global_blocks == (7, 15, 23, 31) and model.num_prefix_tokens == 0
+        assert model.blocks[7].attn.window == 0 and model.blocks[8].attn.window == 14
+        assert model.blocks[7].attn.rel_pos_h.shape == (127, 80) and model.blocks[8].attn.rel_pos_w.shape == (27, 80)
+
+
+def test_rein_on_each_family_has_the_papers_counts_and_taps(capsys):
+    """2.99M on the L models, 4.51M for SAM-H with Rein after all 32 blocks (the paper), 3.89M after its 4 global
+    blocks (the official release); the taps: blocks 7, 11, 15, 23, and SAM's global blocks."""
+    assert rein_formula(24, 1024) == 2_990_081 and rein_formula(32, 1280) == 4_510_721
+    assert rein_formula(4, 1280) == 3_892_481
+    for name, layers, taps in [("eva02_vitl14", 24, (7, 11, 15, 23)), ("clip_vitl14", 24, (7, 11, 15, 23)),
+                               ("mae_vitl16", 24, (7, 11, 15, 23)), ("sam_vith16", 32, (7, 15, 23, 31))]:
+        with torch.device("meta"):
+            vit_model = vit.build_vit(name, 16)
+            backbone = rein.ReinViT(vit_model, rein.Rein(layers, vit_model.dim))
+        assert backbone.feature_blocks == taps
+        assert rein.count_trainable(backbone) == rein_formula(layers, vit_model.dim)
+    with torch.device("meta"):
+        sam = vit.build_vit("sam_vith16")
+        backbone = rein.ReinViT(sam, rein.Rein(4, 1280), rein_blocks="global")
+    assert backbone.rein_layers == {7: 0, 15: 1, 23: 2, 31: 3}
+    with pytest.raises(ValueError, match="rein_blocks.*'global'.*vits14"):
+        small_model(rein_blocks="global")
+
+
+def eva02_upstream(C, depth, heads, grid, patch, gen):
+    """A random EVA02 file's tensors, in EVA02's names (asuka's MIM checkpoint), with what Rein never uses."""
+    hidden = int(C * 4 * 2 / 3)
+    state = {"cls_token": randn(1, 1, C, gen=gen), "pos_embed": randn(1, 1 + grid * grid, C, gen=gen),
+             "patch_embed.proj.weight": randn(C, 3, patch, patch, std=0.05, gen=gen),
+             "patch_embed.proj.bias": randn(C, gen=gen), "mask_token": randn(1, 1, C, gen=gen),
+             "rope.freqs_cos": torch.ones(grid * grid, 64)} | ln_params("norm", C, gen) | linear("lm_head", 8, C, gen)
+    for i in range(depth):
+        b = f"blocks.{i}."
+        state |= ln_params(b + "norm1", C, gen) | ln_params(b + "norm2", C, gen) | ln_params(b + "mlp.ffn_ln", hidden, gen)
+        for n in "qkv":
+            state |= linear(b + f"attn.{n}_proj", C, C, gen, bias=False)
+        state |= {b + "attn.q_bias": randn(C, gen=gen), b + "attn.v_bias": randn(C, gen=gen),
+                  b + "attn.rope.freqs_sin": torch.ones(grid * grid, 64)}
+        state |= linear(b + "attn.proj", C, C, gen) | linear(b + "mlp.w1", hidden, C, gen) | \
+            linear(b + "mlp.w2", hidden, C, gen) | linear(b + "mlp.w3", C, hidden, gen)
+    return state
+
+
+def eva02_reference(s, images, heads, patch, grid):
+    """EVA02 as the official Rein runs it, by hand: the p14 file converted (kernel and position table resized
+    bicubically), q and v biases but no k bias, RoPE on the patches only, each pair of neighbouring dims rotated
+    at angles t * 10000^(-2j/32) with t the position on the 16 x 16 pre-training grid, SwiGLU with a LayerNorm on
+    the product, no final norm."""
+    C = s["cls_token"].shape[-1]
+    kernel = F.interpolate(s["patch_embed.proj.weight"], size=(patch, patch), mode="bicubic", align_corners=False)
+    x = F.conv2d(images, kernel, s["patch_embed.proj.bias"], stride=patch)
+    B, _, h, w = x.shape
+    n = math.isqrt(s["pos_embed"].shape[1] - 1)
+    pos = F.interpolate(s["pos_embed"][:, 1:].reshape(1, n, n, C).permute(0, 3, 1, 2), size=(grid, grid),
+                        mode="bicubic", align_corners=False)
+    if (h, w) != (grid, grid):  # another input size: the stored grid resized again, as EVA02's fine-tuning does
+        pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False)
+    x = torch.cat([s["cls_token"].expand(B, 1, C), x.flatten(2).transpose(1, 2)], 1)
+    x = x + torch.cat([s["pos_embed"][:, :1], pos.flatten(2).transpose(1, 2)], 1)
+    f = 1 / 10000 ** (torch.arange(0, 32, 2) / 32)
+    th = (torch.arange(h) / h * 16)[:, None] * f  # (h, 16)
+    tw = (torch.arange(w) / w * 16)[:, None] * f
+    angles = torch.cat([th[:, None].expand(h, w, 16).repeat_interleave(2, -1),
+                        tw[None].expand(h, w, 16).repeat_interleave(2, -1)], -1).reshape(h * w, 64)
+
+    def turn(t):  # (B, heads, h*w, 64), neighbours (2j, 2j+1) -> (-x_{2j+1}, x_{2j})
+        pairs = t.unflatten(-1, (32, 2))
+        swapped = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
+        return t * angles.cos() + swapped * angles.sin()
+
+    i = 0
+    while f"blocks.{i}.norm1.weight" in s:
+        b = f"blocks.{i}."
+        y = F.layer_norm(x, (C,), s[b + "norm1.weight"], s[b + "norm1.bias"], 1e-6)
+        q = (y @ s[b + "attn.q_proj.weight"].T + s[b + "attn.q_bias"]).unflatten(-1, (heads, 64)).transpose(1, 2)
+        k = (y @ s[b + "attn.k_proj.weight"].T).unflatten(-1, (heads, 64)).transpose(1, 2)
+        v = (y @ s[b + "attn.v_proj.weight"].T + s[b + "attn.v_bias"]).unflatten(-1, (heads, 64)).transpose(1, 2)
+        q = torch.cat([q[:, :, :1], turn(q[:, :, 1:])], 2)
+        k = torch.cat([k[:, :, :1], turn(k[:, :, 1:])], 2)
+        a = torch.softmax(q @ k.transpose(-1, -2) / 8, -1) @ v
+        x = x + a.transpose(1, 2).flatten(2) @ s[b + "attn.proj.weight"].T + s[b + "attn.proj.bias"]
+        y = F.layer_norm(x, (C,), s[b + "norm2.weight"], s[b + "norm2.bias"], 1e-6)
+        g = F.silu(y @ s[b + "mlp.w1.weight"].T + s[b + "mlp.w1.bias"]) * (y @ s[b + "mlp.w2.weight"].T + s[b + "mlp.w2.bias"])
+        g = F.layer_norm(g, g.shape[-1:], s[b + "mlp.ffn_ln.weight"], s[b + "mlp.ffn_ln.bias"], 1e-6)
+        x = x + g @ s[b + "mlp.w3.weight"].T + s[b + "mlp.w3.bias"]
+        i += 1
+    return x
+
+
+def test_eva02_loads_its_file_and_matches_a_by_hand_reference(tmp_path, tiny_archs):
+    """An EVA02 p14 file (under 'model', with mask_token, norm, lm_head and RoPE tables) loads strictly at patch
+    16 and gives the by-hand EVA02, at the 512 x 512 crop's grid and at a non-square one."""
+    gen = torch.Generator().manual_seed(0)
+    upstream = eva02_upstream(128, 4, 2, 16, 14, gen)
+    torch.save({"model": upstream}, tmp_path / "eva02_p14.pt")
+    with torch.device("meta"):
+        model = vit.build_vit("eva02_vitt14", 16)
+    vit.load_pretrained(model, tmp_path / "eva02_p14.pt")
+    for H, W in ((512, 512), (192, 320)):
+        images = torch.randn(1, 3, H, W, generator=gen)
+        with torch.no_grad():
+            ours, ref = model(images), eva02_reference(upstream, images, 2, 16, 32)
+        assert (ours - ref).abs().max() / ref.abs().max() < 1e-4, (H, W)
+    assert all(float(b.attn.qkv.bias_mask[128:256].max()) == 0 for b in model.blocks)  # no key bias, ever
+
+
+def clip_upstream(C, depth, grid, patch, gen):
+    """A random CLIP image tower in OpenAI's names (visual.*) with a text tower key beside it. The embedding
+    is small, so that ln_pre's eps (1e-5) matters."""
+    state = {"conv1.weight": randn(C, 3, patch, patch, std=1e-3, gen=gen), "class_embedding": randn(C, std=1e-3, gen=gen),
+             "positional_embedding": randn(1 + grid * grid, C, std=1e-3, gen=gen), "proj": randn(C, 16, gen=gen)}
+    state |= ln_params("ln_pre", C, gen) | ln_params("ln_post", C, gen)
+    for i in range(depth):
+        b = f"transformer.resblocks.{i}."
+        state |= ln_params(b + "ln_1", C, gen) | ln_params(b + "ln_2", C, gen)
+        state |= {b + "attn.in_proj_weight": randn(3 * C, C, std=C ** -0.5, gen=gen),
+                  b + "attn.in_proj_bias": randn(3 * C, std=0.1, gen=gen)}
+        state |= linear(b + "attn.out_proj", C, C, gen) | linear(b + "mlp.c_fc", 4 * C, C, gen) | \
+            linear(b + "mlp.c_proj", C, 4 * C, gen)
+    return {"visual." + k: v.half() for k, v in state.items()} | {"positional_embedding": torch.zeros(7, 16).half()}
+
+
+def clip_reference(s, images, heads, patch, grid):
+    """The official Rein's CLIP by hand: OpenAI's position table resized bilinearly to the 512 crop's grid when
+    loaded and to the input's grid at every forward, the class embedding added twice, ln_pre, LayerNorm eps
+    1e-5, nn.MultiheadAttention's packed in_proj, QuickGELU."""
+    s = {k[len("visual."):]: v.float() for k, v in s.items() if k.startswith("visual.")}
+    C = s["class_embedding"].shape[0]
+    x = F.conv2d(images, s["conv1.weight"], stride=patch)
+    B, _, h, w = x.shape
+    pos = s["positional_embedding"]
+    n = math.isqrt(pos.shape[0] - 1)
+    grid_pos = F.interpolate(pos[1:].reshape(1, n, n, C).permute(0, 3, 1, 2), size=(grid, grid), mode="bilinear")
+    grid_pos = F.interpolate(grid_pos, size=(h, w), mode="bilinear").flatten(2).transpose(1, 2)
+    x = torch.cat([s["class_embedding"].expand(B, 1, C), x.flatten(2).transpose(1, 2)], 1)
+    x = x + torch.cat([(pos[0] + s["class_embedding"]).expand(1, 1, C), grid_pos], 1)
+    x = F.layer_norm(x, (C,), s["ln_pre.weight"], s["ln_pre.bias"], 1e-5)
+    for i in range(4):
+        b = f"transformer.resblocks.{i}."
+        y = F.layer_norm(x, (C,), s[b + "ln_1.weight"], s[b + "ln_1.bias"], 1e-5)
+        q, k, v = (y @ s[b + "attn.in_proj_weight"].T + s[b + "attn.in_proj_bias"]).chunk(3, -1)
+        q, k, v = (t.unflatten(-1, (heads, C // heads)).transpose(1, 2) for t in (q, k, v))
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(C // heads), -1) @ v
+        x = x + a.transpose(1, 2).flatten(2) @ s[b + "attn.out_proj.weight"].T + s[b + "attn.out_proj.bias"]
+        y = F.layer_norm(x, (C,), s[b + "ln_2.weight"], s[b + "ln_2.bias"], 1e-5)
+        y = y @ s[b + "mlp.c_fc.weight"].T + s[b + "mlp.c_fc.bias"]
+        x = x + (y * torch.sigmoid(1.702 * y)) @ s[b + "mlp.c_proj.weight"].T + s[b + "mlp.c_proj.bias"]
+    return x
+
+
+def save_torchscript(state, path):
+    """A TorchScript archive whose state dict is `state`, as OpenAI ships CLIP."""
+    class Holder(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    root = Holder()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        module = root
+        for part in parents:
+            if not hasattr(module, part):
+                module.add_module(part, Holder())
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+    torch.jit.save(torch.jit.script(root), path)
+
+
+def test_clip_loads_openais_torchscript_file_and_matches_a_by_hand_reference(tmp_path, tiny_archs):
+    """A float16 TorchScript file with visual.* and text keys loads strictly (in float32) and gives the official
+    Rein's CLIP at the crop's grid and at a non-square one; a state dict of the same tensors loads too."""
+    gen = torch.Generator().manual_seed(1)
+    upstream = clip_upstream(64, 4, 14, 16, gen)
+    save_torchscript(upstream, tmp_path / "ViT-T-16.pt")
+    with torch.device("meta"):
+        model = vit.build_vit("clip_vitt16")
+    vit.load_pretrained(model, tmp_path / "ViT-T-16.pt")
+    assert model.pos_embed.dtype == torch.float32 and model.pos_embed.shape == (1, 1 + 32 * 32, 64)
+    for H, W in ((512, 512), (192, 320)):
+        images = torch.randn(1, 3, H, W, generator=gen)
+        with torch.no_grad():
+            ours, ref = model(images), clip_reference(upstream, images, 2, 16, 32)
+        assert (ours - ref).abs().max() / ref.abs().max() < 1e-4, (H, W)
+    torch.save({k: v.float() for k, v in upstream.items()}, tmp_path / "visual.pth")
+    vit.load_pretrained(model, tmp_path / "visual.pth")
+    with pytest.raises(ValueError, match="model.pth cannot be read as pretrained backbone weights"):
+        torch.save(torch.nn.Linear(2, 2), tmp_path / "model.pth")  # a pickled module, not a state dict
+        vit.load_pretrained(model, tmp_path / "model.pth")
+    save_torchscript({"text.weight": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="other.pt is not the weights of .*CLIP.*visual.conv1.weight.*text.weight"):
+        vit.load_pretrained(model, tmp_path / "other.pt")
+
+
+def sam_upstream(C, depth, heads, gen):
+    """A random SAM checkpoint: the image encoder at SAM's 1024-pixel grid (64 x 64, global tables of 127)
+    under image_encoder., its neck, and a prompt-encoder key."""
+    d = C // heads
+    state = {"patch_embed.proj.weight": randn(C, 3, 16, 16, std=0.05, gen=gen), "patch_embed.proj.bias": randn(C, gen=gen),
+             "pos_embed": randn(1, 64, 64, C, gen=gen), "neck.0.weight": randn(8, C, 1, 1, gen=gen)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        table = 127 if i in vit.global_blocks(depth) else 27
+        state |= ln_params(b + "norm1", C, gen) | ln_params(b + "norm2", C, gen) | linear(b + "attn.qkv", 3 * C, C, gen)
+        state |= linear(b + "attn.proj", C, C, gen) | linear(b + "mlp.lin1", 4 * C, C, gen) | \
+            linear(b + "mlp.lin2", C, 4 * C, gen)
+        state |= {b + "attn.rel_pos_h": randn(table, d, gen=gen), b + "attn.rel_pos_w": randn(table, d, gen=gen)}
+    return {"image_encoder." + k: v for k, v in state.items()} | {"prompt_encoder.point.weight": torch.zeros(3)}
+
+
+def sam_reference(s, images, heads):
+    """SAM's image encoder as the official Rein runs it, by hand: the position grid converted bicubically to
+    the crop's, channels-last tokens, zero-padded 14 x 14 windows (the padding attends as keys), decomposed
+    relative positions resized linearly to 2n - 1, four global blocks, no neck, no final norm."""
+    s = {k[len("image_encoder."):]: v for k, v in s.items() if k.startswith("image_encoder.")}
+    C = s["pos_embed"].shape[-1]
+    d = C // heads
+    x = F.conv2d(images, s["patch_embed.proj.weight"], s["patch_embed.proj.bias"], stride=16).permute(0, 2, 3, 1)
+    B, h, w, _ = x.shape
+    x = x + F.interpolate(s["pos_embed"].permute(0, 3, 1, 2), size=(h, w), mode="bicubic",
+                          align_corners=False).permute(0, 2, 3, 1)
+
+    def table(t, n):
+        if t.shape[0] != 2 * n - 1:
+            t = F.interpolate(t.T[None], size=2 * n - 1, mode="linear")[0].T
+        return t[torch.arange(n)[:, None] - torch.arange(n)[None, :] + n - 1]
+
+    def attend(y, b):  # y (m, a, c, C): attention within each a x c map
+        m, a, c, _ = y.shape
+        q, k, v = (y.reshape(m, a * c, C) @ s[b + "attn.qkv.weight"].T + s[b + "attn.qkv.bias"]).chunk(3, -1)
+        q, k, v = (t.unflatten(-1, (heads, d)).transpose(1, 2) for t in (q, k, v))  # (m, heads, a*c, d)
+        score = q @ k.transpose(-1, -2) / math.sqrt(d)
+        Rh, Rw = table(s[b + "attn.rel_pos_h"], a), table(s[b + "attn.rel_pos_w"], c)
+        q4 = q.reshape(m, heads, a, c, d)
+        rel = torch.einsum("mhijd,ikd->mhijk", q4, Rh)[..., None] + torch.einsum("mhijd,jld->mhijl", q4, Rw)[..., None, :]
+        out = torch.softmax(score + rel.reshape(m, heads, a * c, a * c), -1) @ v
+        return (out.transpose(1, 2).reshape(m, a, c, C)) @ s[b + "attn.proj.weight"].T + s[b + "attn.proj.bias"]
+
+    depth = len({k.split(".")[1] for k in s if k.startswith("blocks.")})
+    for i in range(depth):
+        b = f"blocks.{i}."
+        y = F.layer_norm(x, (C,), s[b + "norm1.weight"], s[b + "norm1.bias"], 1e-6)
+        if i in vit.global_blocks(depth):
+            y = attend(y, b)
+        else:
+            ph, pw = -h % 14, -w % 14
+            y = F.pad(y, (0, 0, 0, pw, 0, ph))
+            H, W = h + ph, w + pw
+            y = y.reshape(B, H // 14, 14, W // 14, 14, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, 14, 14, C)
+            y = attend(y, b).reshape(B, H // 14, W // 14, 14, 14, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+            y = y[:, :h, :w]
+        x = x + y
+        y = F.layer_norm(x, (C,), s[b + "norm2.weight"], s[b + "norm2.bias"], 1e-6)
+        x = x + F.gelu(y @ s[b + "mlp.lin1.weight"].T + s[b + "mlp.lin1.bias"]) @ s[b + "mlp.lin2.weight"].T + \
+            s[b + "mlp.lin2.bias"]
+    return x.reshape(B, h * w, C)
+
+
+def test_sam_loads_its_checkpoint_and_matches_a_by_hand_reference(tmp_path, tiny_archs):
+    """SAM's whole checkpoint (image encoder, neck, prompt encoder) loads strictly, its 64 x 64 position grid
+    converted to 32 x 32 as the official convert_sam.py does; the encoder equals the by-hand one at 512 x 512."""
+    gen = torch.Generator().manual_seed(2)
+    upstream = sam_upstream(64, 8, 2, gen)
+    torch.save(upstream, tmp_path / "sam_vit_t.pth")
+    with torch.device("meta"):
+        model = vit.build_vit("sam_vitt16")
+    vit.load_pretrained(model, tmp_path / "sam_vit_t.pth")
+    images = torch.randn(1, 3, 512, 512, generator=gen)
+    with torch.no_grad():
+        ours, ref = model(images), sam_reference(upstream, images, 2)
+    assert (ours - ref).abs().max() / ref.abs().max() < 1e-4
+    assert model.blocks[0].attn.window == 14 and model.blocks[1].attn.rel_pos_h.shape == (127, 32)
+
+
+def mae_table(grid, dim):
+    """MAE's get_2d_sincos_pos_embed by hand in numpy: channels [sin(w), cos(w), sin(h), cos(h)] of the column
+    w and the row h, frequencies 10000^(-k / (dim/4)), a zero row for the class token."""
+    omega = 1 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+    h, w = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
+    parts = [f(np.outer(p.reshape(-1), omega)) for p in (w, h) for f in (np.sin, np.cos)]
+    return torch.from_numpy(np.concatenate([np.zeros((1, dim)), np.concatenate(parts, 1)])).float()[None]
+
+
+def test_mae_loads_its_file_and_matches_a_by_hand_reference(tmp_path, tiny_archs):
+    """MAE's file (under 'model', with its fixed 14 x 14 table) loads strictly; the model computes MAE's table
+    for any grid, and runs the plain ViT with a final norm. A file whose table is not MAE's is refused."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.device("meta"):
+        model = vit.build_vit("mae_vitt16")
+    upstream = {k: randn(*v.shape, std=0.2, gen=gen) for k, v in model.state_dict().items()}
+    upstream |= ln_params("norm", 64, gen) | {"pos_embed": mae_table((14, 14), 64)}
+    torch.save({"model": upstream}, tmp_path / "mae_pretrain_vit_tiny.pth")
+    vit.load_pretrained(model, tmp_path / "mae_pretrain_vit_tiny.pth")
+    for H, W in ((512, 512), (192, 320)):
+        images = torch.randn(1, 3, H, W, generator=gen)
+        reference = vit.build_vit("mae_vitt16")
+        reference.load_state_dict({k: v for k, v in upstream.items() if k != "pos_embed"})
+        x = F.conv2d(images, upstream["patch_embed.proj.weight"], upstream["patch_embed.proj.bias"], stride=16)
+        x = torch.cat([upstream["cls_token"], x.flatten(2).transpose(1, 2)], 1) + mae_table((H // 16, W // 16), 64)
+        with torch.no_grad():
+            for blk in reference.blocks:
+                x = blk(x)
+            ref = reference.norm(x)
+            ours = model(images)
+        assert (ours - ref).abs().max() / ref.abs().max() < 1e-5, (H, W)
+    upstream["pos_embed"] = mae_table((14, 14), 64)[..., torch.randperm(64)]
+    with pytest.raises(ValueError, match="not MAE's fixed sin-cos table"):
+        vit.load_pretrained(model, {"model": upstream})
+
+
+def test_other_families_bad_files_are_named(tmp_path, tiny_archs):
+    """A file of another family, or of another size of the same family, is named as such."""
+    gen = torch.Generator().manual_seed(4)
+    with torch.device("meta"):
+        clip_model, sam_small = vit.build_vit("clip_vitt16"), vit.build_vit("sam_vits16")
+    torch.save({"model": eva02_upstream(128, 4, 2, 16, 14, gen)}, tmp_path / "eva02.pt")
+    with pytest.raises(ValueError, match="eva02.pt has EVA02, width 128, 4 blocks: this is eva02_vitt14, not clip_vitt16"):
+        vit.load_pretrained(clip_model, tmp_path / "eva02.pt")
+    torch.save(sam_upstream(64, 8, 2, gen), tmp_path / "sam.pth")
+    with pytest.raises(ValueError, match="sam.pth has SAM, width 64, 8 blocks: this is sam_vitt16, not sam_vits16"):
+        vit.load_pretrained(sam_small, tmp_path / "sam.pth")
+    assert vit.resolve_source("eva02_vitl14").endswith("/eva02_L_pt_m38m_p14to16.pt")
+    assert vit.resolve_source("sam_vith16").endswith("/sam_vit_h_4b8939.pth")
+    assert vit.resolve_source("clip_vitl14").endswith("/ViT-L-14.pt")
+    assert vit.resolve_source("mae_vitl16").endswith("/mae_pretrain_vit_large.pth")
+
+
+@pytest.mark.parametrize("name, kw", [("eva02_vitt14", {}), ("clip_vitt16", dict(fpn=True, replace_query_feat=False)),
+                                      ("sam_vitt16", dict(rein_blocks="global", replace_query_feat=False))])
+def test_from_official_recognises_each_release_layout(tmp_path, tiny_archs, name, kw):
+    """The EVA02 release (Rein after every block, querys2feat), CLIP's (a trained FPN with BatchNorm statistics
+    under backbone.fpn*, learned query features) and SAM-H's (Rein after the 4 global blocks, learned query
+    features) load from the release file and the upstream backbone file, and predict as the model that wrote them."""
+    gen = torch.Generator().manual_seed(5)
+    upstream = {"eva02_vitt14": lambda: {"model": eva02_upstream(128, 4, 2, 32, 16, gen)},
+                "clip_vitt16": lambda: clip_upstream(64, 4, 32, 16, gen),
+                "sam_vitt16": lambda: sam_upstream(64, 8, 2, gen)}[name]()
+    torch.save(upstream, tmp_path / "backbone.pth")
+    torch.manual_seed(0)
+    model = rein.build_model(method="rein", backbone=name, weights=str(tmp_path / "backbone.pth"), num_classes=19,
+                             num_queries=100, head_layers=9, encoder_layers=6, **kw).eval()
+    with torch.no_grad():
+        for t in model.trainable_state_dict().values():
+            t.copy_(torch.randn(t.shape, generator=gen) * 0.05)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 1.5)
+    write_release(tmp_path / "release.pth", model)
+    official = rein.from_official(tmp_path / "release.pth", tmp_path / "backbone.pth")
+    assert {k: official.config[k] for k in kw} == kw
+    images = torch.randn(1, 3, 64, 96, generator=gen)
+    with torch.no_grad():
+        assert torch.allclose(official.predict(images), model.predict(images), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(TINY_ARCHS)[:3] + ["mae_vitt16"])
+def test_train_and_eval_on_each_family(tmp_path, tiny_archs, name):
+    """Two iterations of Rein on a small model of each family (random backbone), then eval.py on the checkpoint."""
+    out = tmp_path / "run"
+    train.main(train.parse_args(TINY_RUN + ["--backbone", name, "--no-weights", "--iters", "2", "--eval-every", "2",
+                                            "--out", str(out)]))
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["config"]["backbone"] == name and ckpt["iteration"] == 2
+    results = evaluation.main(evaluation.parse_args(["--ckpt", str(out / "last.pt"), "--data", "synthetic:night",
+                                                     "--workers", "0"]))
+    assert 0 <= results["synthetic:night"]["miou"] <= 1
+
+
 def test_vit_errors_are_clear(tmp_path):
     """Missing file, not a checkpoint, wrong size, wrong keys, bad image size, unknown arch."""
     with torch.device("meta"):

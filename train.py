@@ -94,9 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", default="rein", choices=rein.METHODS,
                    help="rein: Rein and the head train; freeze: the head only; full: everything")
     p.add_argument("--backbone", help="DINOv2: vits14, vitb14, vitl14 or vitg14, optionally with _reg4; DINOv3: "
-                                      "dinov3_vits16, dinov3_vits16plus, dinov3_vitb16, dinov3_vitl16, dinov3_vith16plus")
-    p.add_argument("--weights", help="backbone weights: a path, a URL, or a DINOv2 name such as vitl14 (downloaded "
-                                     "once); default under the paper preset: the backbone's own official weights")
+                                      "dinov3_vits16, dinov3_vits16plus, dinov3_vitb16, dinov3_vitl16, dinov3_vith16plus; "
+                                      "EVA02: eva02_vitb14, eva02_vitl14; CLIP: clip_vitb16, clip_vitl14; SAM: "
+                                      "sam_vitb16, sam_vitl16, sam_vith16; MAE: mae_vitb16, mae_vitl16")
+    p.add_argument("--weights", help="backbone weights: a path, a URL, or a backbone name such as vitl14 or "
+                                     "eva02_vitl14 (its official file, downloaded once; DINOv3's are gated); default "
+                                     "under the paper preset: the backbone's own official weights")
     p.add_argument("--no-weights", action="store_true", help="a random backbone")
     p.add_argument("--patch-size", type=int, help="the ViT's patch in pixels; DINOv2's 14 is converted to it "
                                                   "while loading, as the official release does")

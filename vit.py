@@ -334,24 +334,22 @@ class RopePositions(nn.Module):
 
     def __init__(self, *, head_dim: int, family: str, base: float = 100.0):
         super().__init__()
-        self.family = family
-        quarter = head_dim // 4
+        self.family, self.quarter = family, head_dim // 4
         if family == "dinov3":
-            self.register_buffer("periods", base ** (torch.arange(quarter) / quarter))
-        else:
-            self.register_buffer("periods", 2 * math.pi * 10000 ** (torch.arange(quarter) / quarter), persistent=False)
+            self.register_buffer("periods", base ** (torch.arange(self.quarter) / self.quarter))
 
-    def forward(self, h: int, w: int) -> tuple[Tensor, Tensor]:
+    def forward(self, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """sin and cos, each (h*w, head_dim), float32."""
-        device = self.periods.device
         if self.family == "dinov3":
+            periods = self.periods.float()
             rows = (torch.arange(h, device=device) + 0.5) / h * 2 - 1
             cols = (torch.arange(w, device=device) + 0.5) / w * 2 - 1
         else:
+            periods = 2 * math.pi * 10000 ** (torch.arange(self.quarter, device=device) / self.quarter)
             rows = torch.arange(h, device=device) / h * EVA02_PRETRAIN_GRID
             cols = torch.arange(w, device=device) / w * EVA02_PRETRAIN_GRID
         coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1).flatten(0, 1)  # (h*w, 2)
-        angles = 2 * math.pi * coords[:, :, None] / self.periods.float()  # (h*w, 2, head_dim/4)
+        angles = 2 * math.pi * coords[:, :, None] / periods  # (h*w, 2, head_dim/4)
         angles = angles.flatten(1).tile(2)  # (h*w, head_dim)
         return angles.sin(), angles.cos()
 
@@ -490,7 +488,7 @@ class VisionTransformer(nn.Module):
 
     def rope(self, h: int, w: int) -> tuple[Tensor, Tensor] | None:
         """The rotation (sin, cos) of an h x w grid for every block (DINOv3, EVA02); else None."""
-        return self.rope_embed(h, w) if self.spec.rope else None
+        return self.rope_embed(h, w, self.patch_embed.proj.weight.device) if self.spec.rope else None
 
     def forward(self, images: Tensor) -> Tensor:
         """Images (B, 3, H, W), normalised -> tokens (B, prefix + h*w, C), after the final norm if any."""
