@@ -238,15 +238,50 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.nd
     return image
 
 
+def pasta_sigma(height: int, width: int, alpha: float, k: float, beta: float) -> np.ndarray:
+    """PASTA's noise spread per frequency, (H, W) in np.fft's layout: (alpha * |f| / |f|max)^k + beta.
+
+    |f| is measured as PASTA's code lays the frequencies out: 0, 1, ..., then back down; for an
+    even size the top frequency counts as 0 (its grid runs -(n/2 - 1)..0, 0..n/2 - 1).
+    """
+    def distance(n: int) -> np.ndarray:
+        i = np.arange(n)
+        return np.where(i <= n // 2, i, n - i) if n % 2 else np.where(i < n // 2, i, n - 1 - i)
+
+    d = np.hypot(*np.meshgrid(distance(height), distance(width), indexing="ij"))
+    return (alpha * d / d.max()) ** k + beta
+
+
+def pasta(image: np.ndarray, rng: np.random.Generator, alpha: float = 3.0, k: float = 2.0,
+          beta: float = 0.25) -> np.ndarray:
+    """PASTA (Chattopadhyay et al., ICCV 2023) on uint8 (H, W, 3) RGB -> the same, perturbed.
+
+    Every channel's Fourier amplitude is multiplied by noise drawn from N(1, sigma(f)) of
+    `pasta_sigma`: fine detail, where synthetic images look synthetic, varies most; layout and
+    colour (low frequencies) least. The noise is drawn for each frequency independently, as in
+    PASTA's code, and the real part of the inverse transform is kept, so the output's spectrum
+    is the input's times the real factor (n(f) + n(-f)) / 2: the phase is kept (up to sign where
+    the factor is negative), and the mean colour in expectation. The result is clipped to 0..255.
+    """
+    spectrum = np.fft.fft2(image.astype(np.float64) / 255, axes=(0, 1))  # (H, W, 3)
+    sigma = pasta_sigma(*image.shape[:2], alpha, k, beta)[..., None]
+    noisy = spectrum * rng.normal(1.0, np.broadcast_to(sigma, spectrum.shape))
+    out = np.fft.ifft2(noisy, axes=(0, 1)).real
+    return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
 def normalize(image: np.ndarray) -> np.ndarray:
     """(3, H, W) RGB in [0, 255] -> (3, H, W) float32, ImageNet-normalised."""
     return (image - np.float32(MEAN)[:, None, None]) / np.float32(STD)[:, None, None]
 
 
-def train_transform(image: Image.Image, label: np.ndarray, rng: np.random.Generator,
-                    crop_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def train_transform(image: Image.Image, label: np.ndarray, rng: np.random.Generator, crop_size: int,
+                    pasta_args: tuple[float, float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole training augmentation: RGB image, (H, W) train ids -> (3, crop, crop) float32 and
-    (crop, crop) int64, padded at the bottom and right with 0 (the mean colour) and 255 (ignore)."""
+    (crop, crop) int64, padded at the bottom and right with 0 (the mean colour) and 255 (ignore).
+    `pasta_args`: (alpha, k, beta) to apply PASTA first, to the whole image, as its authors do."""
+    if pasta_args is not None:
+        image = Image.fromarray(pasta(np.asarray(image), rng, *pasta_args))
     rgb, label = random_resize_crop_flip(image, label, rng, crop_size)
     image = normalize(photometric_distortion(rgb.transpose(2, 0, 1).astype(np.float32), rng))  # (3, h, w)
     pad_h, pad_w = crop_size - label.shape[0], crop_size - label.shape[1]
@@ -277,9 +312,9 @@ class SegmentationDataset(Dataset):
     `__len__`, `stem(index)` and `_load(index) -> (RGB PIL image, (H, W) uint8 train ids)`."""
 
     def __init__(self, *, name: str, classes: tuple[str, ...], train: bool, crop_size: int,
-                 test_size: tuple[int, int] | None) -> None:
+                 test_size: tuple[int, int] | None, pasta_args: tuple[float, float, float] | None = None) -> None:
         self.name, self.classes, self.palette = name, classes, palette_for(len(classes))
-        self.train, self.crop_size, self.test_size = train, crop_size, test_size
+        self.train, self.crop_size, self.test_size, self.pasta_args = train, crop_size, test_size, pasta_args
         self.has_labels = True
 
     @property
@@ -293,7 +328,7 @@ class SegmentationDataset(Dataset):
 
     def augment(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Training sample `index` augmented with `rng`: (3, crop, crop) float32, (crop, crop) int64."""
-        return train_transform(*self._load(index), rng, self.crop_size)
+        return train_transform(*self._load(index), rng, self.crop_size, self.pasta_args)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | dict:
         """train: ((3, crop, crop) float32, (crop, crop) int64); else dict(image=(3, h, w) at
@@ -463,19 +498,24 @@ def first_source(text: str) -> str:
 
 
 def dataset_kwargs(name: str, split: str, run_args: dict) -> dict:
-    """Synthetic scenes as a run drew them: twice as wide as its crop, from its seed."""
+    """Synthetic scenes as a run drew them: twice as wide as its crop, from its seed; and PASTA on
+    the training split of a run with --augment pasta."""
+    kwargs = {}
     if name.startswith("synthetic"):
         crop = run_args.get("crop_size", 512)
-        return dict(image_size=(2 * crop, crop), length=SYNTHETIC_LENGTH[split], seed=run_args.get("seed", 0))
-    return {}
+        kwargs = dict(image_size=(2 * crop, crop), length=SYNTHETIC_LENGTH[split], seed=run_args.get("seed", 0))
+    if split == "train" and run_args.get("augment") == "pasta":
+        kwargs["pasta_args"] = tuple(run_args[f"pasta_{p}"] for p in ("alpha", "k", "beta"))
+    return kwargs
 
 
 def build_dataset(name: str, root: str | Path | None, split: str, *, train: bool, crop_size: int = 512,
-                  image_size: tuple[int, int] = (512, 256), length: int = 200,
-                  seed: int = 0) -> SegmentationDataset | CombinedDataset:
+                  image_size: tuple[int, int] = (512, 256), length: int = 200, seed: int = 0,
+                  pasta_args: tuple[float, float, float] | None = None) -> SegmentationDataset | CombinedDataset:
     """Dataset `name` (see the module docstring) at `root` (None: DATA_ROOTS) for `split`.
 
-    train: samples are augmented random crops (crop_size square); otherwise evaluation dicts.
+    train: samples are augmented random crops (crop_size square), after PASTA with `pasta_args`
+    = (alpha, k, beta) if given; otherwise evaluation dicts.
     image_size (width, height), length and seed describe the synthetic dataset only.
     A '+' name joins sources; its root is None or one folder per source joined by '+'.
     """
@@ -489,7 +529,7 @@ def build_dataset(name: str, root: str | Path | None, split: str, *, train: bool
             raise ValueError(f"{name!r} joins {len(parts)} datasets, so root must be None (the defaults) "
                              f"or {len(parts)} folders joined by '+', got {root!r}")
         members = [build_dataset(f"{b}:{s}" if s else b, r or None, split, train=train, crop_size=crop_size,
-                                 image_size=image_size, length=length, seed=seed)
+                                 image_size=image_size, length=length, seed=seed, pasta_args=pasta_args)
                    for (b, s), r in zip(parts, roots)]
         return CombinedDataset(members, name=name)
     base, subset = parts[0]
@@ -499,7 +539,7 @@ def build_dataset(name: str, root: str | Path | None, split: str, *, train: bool
         if root is not None:
             raise ValueError(f"the synthetic dataset is generated and takes no root, got {root!r}")
         members = [SyntheticDataset(domain=domain, split=split, length=length, image_size=tuple(image_size),
-                                    seed=seed, train=train, crop_size=crop_size)
+                                    seed=seed, train=train, crop_size=crop_size, pasta_args=pasta_args)
                    for domain in ([subset] if subset else SYNTHETIC_DOMAINS)]
         return members[0] if subset else CombinedDataset(members, name="synthetic")
     if root is None and base == "folder":
@@ -509,7 +549,7 @@ def build_dataset(name: str, root: str | Path | None, split: str, *, train: bool
     if train and any(label is None for _, label in found["pairs"]):
         raise ValueError(f"{base} publishes no labels for its {split} split; it cannot be used for training")
     return FileDataset(**{"classes": CITYSCAPES_CLASSES} | found, name=str(root) if base == "folder" else name,
-                       train=train, crop_size=crop_size, test_size=TEST_SIZES.get(base))
+                       train=train, crop_size=crop_size, test_size=TEST_SIZES.get(base), pasta_args=pasta_args)
 
 
 # ---------------------------------------- Each dataset's files, laid out as its release ships them
@@ -975,9 +1015,9 @@ class SyntheticDataset(SegmentationDataset):
     """
 
     def __init__(self, *, domain: str, split: str, length: int, image_size: tuple[int, int], seed: int,
-                 train: bool, crop_size: int) -> None:
+                 train: bool, crop_size: int, pasta_args: tuple[float, float, float] | None = None) -> None:
         super().__init__(name=f"synthetic:{domain}", classes=CITYSCAPES_CLASSES, train=train,
-                         crop_size=crop_size, test_size=None)
+                         crop_size=crop_size, test_size=None, pasta_args=pasta_args)
         self.domain, self.split, self.length, self.image_size, self.seed = domain, split, length, image_size, seed
 
     def __len__(self) -> int:

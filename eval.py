@@ -387,16 +387,21 @@ def load_checkpoint(path: str | Path, weights: str | None = None) -> tuple[rein.
     """Rebuilds the model a checkpoint describes and loads its trained weights.
 
     A train.py checkpoint stores what trained plus the arguments that rebuild the rest;
-    `weights` overrides where its frozen DINOv2 weights come from. An official Rein release
+    `weights` overrides where its frozen backbone weights come from. An official Rein release
     file (an mmengine checkpoint with decode_head.* weights) goes through rein.from_official,
-    with `weights` naming its DINOv2 backbone.
+    with `weights` naming its backbone's weights.
     """
     ckpt = vit.read_file(path, what="a train.py checkpoint or an official Rein release file")
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         return rein.from_official(path, weights), {}
-    if isinstance(ckpt, dict) and "cls_token" in ckpt:
-        raise ValueError(f"{path} holds DINOv2 backbone weights, not a trained segmenter: pass it as --weights, "
-                         f"and a train.py checkpoint or an official Rein release file as --ckpt")
+    if isinstance(ckpt, dict) and not {"config", "model"} <= ckpt.keys():
+        try:
+            family = vit.FAMILIES[vit.read_weights(ckpt, origin=str(path))[1]].title
+        except ValueError:
+            family = None
+        if family:
+            raise ValueError(f"{path} holds {family} backbone weights, not a trained segmenter: pass it as "
+                             f"--weights, and a train.py checkpoint or an official Rein release file as --ckpt")
     if not isinstance(ckpt, dict) or not {"config", "model"} <= ckpt.keys():
         found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path} is not a train.py checkpoint: expected the keys 'config' and 'model', "
@@ -510,8 +515,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                  "Rein release file")
     p.add_argument("--data", help="datasets to evaluate, NAME[=ROOT],... (see data.py)")
     p.add_argument("--split", default="val", choices=("train", "val", "test"), help="dataset split")
-    p.add_argument("--weights", help="where the frozen DINOv2 weights come from (path, URL or name, e.g. the "
-                                     "release's dinov2_converted.pth); default: as recorded in the checkpoint")
+    p.add_argument("--weights", help="where the frozen backbone weights come from (path, URL or name, e.g. "
+                                     "eva02_vitl14 or a release's converted file such as dinov2_converted.pth); "
+                                     "default: as recorded in the checkpoint")
     p.add_argument("--image", nargs="+", help="your own image files or folders: coloured predictions, no labels")
     p.add_argument("--save-dir", type=Path, help="write one PNG per image here")
     p.add_argument("--format", choices=FORMATS, default="color",

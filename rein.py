@@ -1,17 +1,20 @@
 """Rein: a frozen vision foundation model refined by a few million trainable parameters.
 
 "Stronger, Fewer, & Superior: Harnessing Vision Foundation Models for Domain Generalized
-Semantic Segmentation" (Wei et al., CVPR 2024). The file reads in four parts:
+Semantic Segmentation" (Wei et al., CVPR 2024). The file reads in five parts:
 
 1. `Rein`, the layer: learnable tokens per block that refine the block's patch features,
    and the link from those tokens to the segmentation head's object queries.
-2. `ReinViT`, a frozen foundation model (DINOv2, DINOv3, EVA02, CLIP, SAM, MAE) whose blocks
-   run one by one with Rein after each, giving the four feature maps and the queries the
-   head needs.
-3. `Segmenter`, backbone + mask head + loss, for the three methods the paper compares
-   (Table 2): `rein` (only Rein and the head train), `freeze` (only the head trains) and
-   `full` (everything trains, the backbone at 0.1x the learning rate).
-4. `from_official`, which runs the official release checkpoints (mmseg files) here.
+2. The refinements the paper compares Rein with in Table 5: `LoRA`, AdaptFormer's
+   `Adapter` and VPT's `Prompts`.
+3. `ReinViT`, a frozen foundation model (DINOv2, DINOv3, EVA02, CLIP, SAM, MAE) whose blocks
+   run one by one with Rein (or a part 2 refinement) between them, giving the four feature
+   maps and the queries the head needs.
+4. `Segmenter`, backbone + mask head + loss, for every method: `rein` (only Rein and the
+   head train), the baselines of Table 2, `freeze` (only the head trains) and `full`
+   (everything trains, the backbone at 0.1x the learning rate), and Table 5's `lora`,
+   `adaptformer` and `vpt` (their tensors and the head train).
+5. `from_official`, which runs the official release checkpoints (mmseg files) here.
 
     model = build_model(method="rein", backbone="vitl14", weights="vitl14")
     losses = model.loss(images, labels)     # images (B, 3, H, W) normalised, labels (B, H, W)
@@ -33,7 +36,10 @@ import vit
 from mask_head import MaskHead, SetCriterion, mask_logits, semantic_inference
 from mask_head import official_name as head_official_name
 
-METHODS = ("rein", "freeze", "full")
+# rein, and the paper's comparisons: the frozen backbone, full fine-tuning (Table 2), and the
+# parameter-efficient methods of Table 5 (`BASELINES`), all with the same head and recipe.
+METHODS = ("rein", "freeze", "full", "lora", "adaptformer", "vpt")
+BASELINES = ("lora", "adaptformer", "vpt")
 # The official configs take ViT-L's blocks 7, 11, 15, 23: a third, half, two thirds and all
 # of the depth. Other depths use the same fractions; SAM gives its four global blocks.
 FEATURE_DEPTHS = (1 / 3, 1 / 2, 2 / 3, 1)
@@ -46,7 +52,7 @@ REIN_BLOCKS = ("every", "global")
 FULL_BACKBONE_LR_MULT = 0.1
 # Parameters trained without weight decay, by name (the official configs' custom keys); the head's query
 # features and positions and its level embedding are embeddings in Mask2Former's sense.
-NO_WEIGHT_DECAY = ("norm", "learnable_tokens", "query_feat", "query_embed", "level_embed")
+NO_WEIGHT_DECAY = ("norm", "learnable_tokens", "prompts", "query_feat", "query_embed", "level_embed")
 
 
 # ----------- 1. The Rein layer (the paper's Section 3, low-rank tokens as in its official release)
@@ -108,7 +114,74 @@ class Rein(nn.Module):
         return self.merge(pooled.flatten(-2))  # (m, 3q) -> (m, q)
 
 
-# --------------------------------------------------------------- 2. The frozen ViT refined by Rein
+# ------------------------------------------------ 2. The paper's other refinements (Table 5), to compare
+
+
+class LoRA(nn.Module):
+    """LoRA (Hu et al., ICLR 2022) on a frozen linear map: W x + b + (alpha / r) B A x, with B zero at
+    first so that training starts from the frozen model. `parts` > 1 gives each equal slice of the
+    output its own A and B: EVA02's q, k and v are separate projections in its own code.
+
+    The placement is ours (the paper does not give it): rank 8 on the qkv projection of every
+    block, which reproduces Table 5's counts, 24 x 8 x (1024 + 3072) = 786,432 on DINOv2-L and
+    24 x 3 x 8 x (1024 + 1024) = 1,179,648 on EVA02-L. alpha = r (a scale of 1), no dropout.
+    """
+
+    def __init__(self, base: nn.Linear, *, rank: int = 8, alpha: float = 8.0, parts: int = 1):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(parts, rank, base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(parts, base.out_features // parts, rank))
+        for a in self.lora_a:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # loralib's initialisation of A
+
+    def forward(self, x: Tensor) -> Tensor:
+        low = torch.einsum("...i,pri->...pr", x, self.lora_a)  # (..., parts, r): A x per part
+        delta = torch.einsum("...pr,por->...po", low, self.lora_b).flatten(-2)  # (..., out): B A x
+        return self.base(x) + self.scale * delta
+
+
+class Adapter(nn.Module):
+    """AdaptFormer's parallel branch (Chen et al., NeurIPS 2022): s * up(relu(down(x))), added beside a
+    block's FFN and fed the same residual stream; down to 64 channels, up zero at first, s = 0.1
+    fixed, no LayerNorm (AdaptFormer's defaults): 24 x (1024 x 64 + 64 + 64 x 1024 + 1024) =
+    3,171,840 on DINOv2-L, Table 5's 3.17M."""
+
+    def __init__(self, dim: int, *, width: int = 64, scale: float = 0.1, dropout: float = 0.1):
+        super().__init__()
+        self.down = nn.Linear(dim, width)
+        self.up = nn.Linear(width, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.scale = scale
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * self.up(self.dropout(F.relu(self.down(x))))
+
+
+class Prompts(nn.Module):
+    """VPT-deep (Jia et al., ECCV 2022): m learnable tokens per block, put after the class and extra
+    tokens in place of the previous block's prompt outputs, so each block reads its own prompts;
+    the maps never contain them. 150 per block, as the Rein authors ran it: 24 x 150 x 1024 =
+    3,686,400 on DINOv2-L, Table 5's 3.69M. VPT's initialisation, the one Rein's tokens reuse."""
+
+    def __init__(self, num_layers: int, dim: int, *, num_tokens: int = 150, patch_size: int = 16):
+        super().__init__()
+        self.prompts = nn.Parameter(torch.empty(num_layers, num_tokens, dim))
+        v = math.sqrt(6 / (3 * patch_size * patch_size + dim))
+        nn.init.uniform_(self.prompts, -v, v)
+
+    def insert(self, x: Tensor, layer: int, prefix: int) -> Tensor:
+        """x (B, prefix [+ m] + n, C) -> (B, prefix + m + n, C) with block `layer`'s prompts."""
+        m = self.prompts.shape[1]
+        rest = x[:, prefix + (m if layer else 0):]  # the previous block's prompt outputs are dropped
+        return torch.cat([x[:, :prefix], self.prompts[layer].expand(x.shape[0], -1, -1), rest], dim=1)
+
+
+# ------------------------------------------------------------- 3. The frozen ViT and its refinement
 
 
 class ReinViT(nn.Module):
@@ -117,13 +190,14 @@ class ReinViT(nn.Module):
     The ViT is frozen unless `train_vit` (the `full` method). A frozen ViT stays in eval
     mode and holds no gradients; the backward pass still flows through its blocks to the
     Rein layers before them, but computes no weight gradients. `rein_blocks`: the blocks Rein
-    follows, "every" one or SAM's four "global" ones. `fpn`: the official CLIP model's FPN
-    (`clip_fpn`), which trains with Rein. `grad_ckpt` recomputes the blocks in the backward
-    pass instead of storing their activations.
+    follows, "every" one or SAM's four "global" ones. `baseline`: one of Table 5's other
+    refinements in place of Rein, "lora", "adaptformer" or "vpt". `fpn`: the official CLIP
+    model's FPN (`clip_fpn`), which trains with Rein. `grad_ckpt` recomputes the blocks in
+    the backward pass instead of storing their activations.
     """
 
-    def __init__(self, vit_model: vit.VisionTransformer, rein: Rein | None, *, rein_blocks: str = "every",
-                 fpn: bool = False, train_vit: bool = False, grad_ckpt: bool = False):
+    def __init__(self, vit_model: vit.VisionTransformer, rein: Rein | None = None, *, baseline: str | None = None,
+                 rein_blocks: str = "every", fpn: bool = False, train_vit: bool = False, grad_ckpt: bool = False):
         super().__init__()
         self.vit = vit_model
         self.rein = rein
@@ -143,6 +217,15 @@ class ReinViT(nn.Module):
         self.vit.norm.requires_grad_(False)
         if hasattr(self.vit, "mask_token"):
             self.vit.mask_token.requires_grad_(False)
+        # Table 5's other refinements; made after the freezing, so that their tensors train.
+        self.adapters = self.prompts = None
+        if baseline == "lora":
+            for block in vit_model.blocks:
+                block.attn.qkv = LoRA(block.attn.qkv, parts=3 if vit_model.family == "eva02" else 1)
+        elif baseline == "adaptformer":
+            self.adapters = nn.ModuleList(Adapter(vit_model.dim) for _ in range(depth))
+        elif baseline == "vpt":
+            self.prompts = Prompts(depth, vit_model.dim, patch_size=vit_model.patch_size)
 
     @property
     def map_scales(self) -> tuple[float, ...]:
@@ -160,21 +243,27 @@ class ReinViT(nn.Module):
         32 with the FPN), from blocks at a third, half, two thirds and all of the depth, and the
         queries (m, q) or None without Rein. The head resizes the maps by `map_scales`."""
         prefix = self.vit.num_prefix_tokens
+        skip = prefix + (self.prompts.prompts.shape[1] if self.prompts is not None else 0)  # tokens before the patches
         maps = []
-        # Under `freeze` nothing before the head trains, so no graph is needed at all.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (self.rein is not None or self.train_vit)):
+        # Under `freeze` nothing before the head trains, so no graph is needed, unless the images'
+        # own gradient is wanted (AdvStyle, train.py).
+        trains = images.requires_grad or any(p.requires_grad for p in self.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
             x, (h, w) = self.vit.prepare_tokens(images)
             rope = self.vit.rope(h, w)  # DINOv3's and EVA02's rotary positions, else None
             for i, block in enumerate(self.vit.blocks):
+                if self.prompts is not None:
+                    x = self.prompts.insert(x, i, prefix)
+                adapter = self.adapters[i] if self.adapters is not None else None
                 if self.grad_ckpt and torch.is_grad_enabled():
-                    x = checkpoint(block, x, rope, (h, w), use_reentrant=False)
+                    x = checkpoint(block, x, rope, (h, w), adapter, use_reentrant=False)
                 else:
-                    x = block(x, rope, (h, w))
+                    x = block(x, rope, (h, w), adapter)
                 if self.rein is not None and i in self.rein_layers:
                     # Class, register and storage tokens pass unchanged; only the patches are refined.
                     x = torch.cat([x[:, :prefix], self.rein(x[:, prefix:], self.rein_layers[i])], dim=1)
                 if i in self.feature_blocks:
-                    patches = x[:, prefix:].transpose(1, 2)  # (B, c, h*w)
+                    patches = x[:, skip:].transpose(1, 2)  # (B, c, h*w)
                     maps.append(patches.reshape(x.shape[0], -1, h, w))  # (B, c, h, w)
         if hasattr(self, "fpn1"):
             maps = [fpn(m) for fpn, m in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), maps)]
@@ -192,7 +281,7 @@ def clip_fpn(c: int) -> tuple[nn.Module, ...]:
             nn.Sequential(nn.GroupNorm(1, c), nn.MaxPool2d(2)))
 
 
-# -------------------------------------------------- 3. The segmenter and the paper's three methods
+# ---------------------------------------------------------------- 4. The segmenter and the methods
 
 
 class Segmenter(nn.Module):
@@ -272,7 +361,8 @@ class Segmenter(nn.Module):
             if not p.requires_grad:
                 continue
             no_decay = any(key in name for key in NO_WEIGHT_DECAY) or name == "backbone.rein.scale"
-            mult = FULL_BACKBONE_LR_MULT if name.startswith("backbone.vit.") else 1.0
+            full = self.config["method"] == "full" and name.startswith("backbone.vit.")
+            mult = FULL_BACKBONE_LR_MULT if full else 1.0
             groups.setdefault((lr * mult, 0.0 if no_decay else weight_decay), []).append(p)
         return [dict(params=ps, lr=g_lr, weight_decay=wd) for (g_lr, wd), ps in groups.items()]
 
@@ -285,7 +375,7 @@ def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str 
                 num_classes: int = 19, patch_size: int = 16, num_queries: int = 100, head_dim: int = 256,
                 head_layers: int = 9, encoder_layers: int = 6, num_points: int = 12544, rein_blocks: str = "every",
                 fpn: bool = False, replace_query_feat: bool = True, grad_ckpt: bool = False) -> Segmenter:
-    """Builds the segmenter for `method` (rein, freeze or full) on a `backbone` of vit.ARCHS.
+    """Builds the segmenter for `method` (one of METHODS) on a `backbone` of vit.ARCHS.
 
     `weights`: where the backbone's weights come from (see vit.load_pretrained); None gives a
     random backbone, always the same one (tests and the CPU demo). `head_layers` and
@@ -308,12 +398,15 @@ def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str 
         vit.load_pretrained(vit_model, weights)
     if rein_blocks not in REIN_BLOCKS or (rein_blocks == "global" and not vit_model.global_blocks):
         raise ValueError(f"rein_blocks must be 'every' or, for SAM, 'global'; got {rein_blocks!r} for {backbone}")
+    if method == "vpt" and vit_model.global_blocks:
+        raise ValueError(f"vpt cannot run on {backbone}: its prompts join the token sequence, but SAM's windowed "
+                         f"blocks attend on the patch grid alone")
     rein = None
     if method == "rein":
         num_layers = len(vit_model.global_blocks) if rein_blocks == "global" else len(vit_model.blocks)
         rein = Rein(num_layers, vit_model.dim, num_tokens=num_queries, query_dim=head_dim, patch_size=patch_size)
-    backbone_module = ReinViT(vit_model, rein, rein_blocks=rein_blocks, fpn=fpn, train_vit=method == "full",
-                              grad_ckpt=grad_ckpt)
+    backbone_module = ReinViT(vit_model, rein, baseline=method if method in BASELINES else None,
+                              rein_blocks=rein_blocks, fpn=fpn, train_vit=method == "full", grad_ckpt=grad_ckpt)
     head = MaskHead(in_dim=vit_model.dim, num_classes=num_classes, num_queries=num_queries, dim=head_dim,
                     decoder_layers=head_layers, encoder_layers=encoder_layers, rein_queries=rein is not None,
                     replace_query_feat=replace_query_feat)
@@ -326,6 +419,8 @@ def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str 
     if not (dist.is_initialized() and dist.get_rank() > 0):
         frozen = sum(p.numel() for p in vit_model.parameters() if not p.requires_grad)
         parts = [f"Rein {count_trainable(rein):,}"] if rein is not None else []
+        if method in BASELINES:
+            parts.append(f"{method} {count_trainable(backbone_module):,}")
         if fpn:
             parts.append(f"FPN {sum(count_trainable(getattr(backbone_module, f'fpn{i}')) for i in range(1, 5)):,}")
         print(f"{method} on {backbone}: {count_trainable(backbone_module):,} trainable parameters in the backbone"
@@ -334,7 +429,7 @@ def build_model(*, method: str = "rein", backbone: str = "vitl14", weights: str 
     return model
 
 
-# ------------------------------------------------------------- 4. The official release checkpoints
+# ------------------------------------------------------------- 5. The official release checkpoints
 
 def official_name(name: str) -> str:
     """Our parameter name -> its name in an official release checkpoint (mmseg's): Rein under

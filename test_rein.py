@@ -8,6 +8,7 @@ attention's sampling (one grid_sample per level) and the matching.
 """
 
 import colorsys
+import contextlib
 import fcntl
 import itertools
 import json
@@ -435,8 +436,9 @@ def test_dinov3_loads_from_path_and_url_and_families_are_told_apart(tmp_path, mo
 # their own names) keep the by-hand references and the runs fast; the real sizes are checked on
 # the meta device. Every reference reads the upstream layout directly, with the upstream names.
 
-TINY_ARCHS = {"eva02_vitt14": ("eva02", 128, 4, 2, "swiglu_ln", 14), "clip_vitt16": ("clip", 64, 4, 2, "quick_gelu", 16),
-              "sam_vitt16": ("sam", 64, 8, 2, "mlp", 16), "sam_vits16": ("sam", 96, 8, 2, "mlp", 16),
+TINY_ARCHS = {"eva02_vitt14": ("eva02", 128, 4, 2, "swiglu_ln", 14),
+              "clip_vitt16": ("clip", 64, 4, 2, "quick_gelu", 16), "sam_vitt16": ("sam", 64, 8, 2, "mlp", 16),
+              "sam_vits16": ("sam", 96, 8, 2, "mlp", 16),
               "mae_vitt16": ("mae", 64, 4, 2, "mlp", 16)}
 
 
@@ -506,7 +508,8 @@ def eva02_upstream(C, depth, heads, grid, patch, gen):
              "rope.freqs_cos": torch.ones(grid * grid, 64)} | ln_params("norm", C, gen) | linear("lm_head", 8, C, gen)
     for i in range(depth):
         b = f"blocks.{i}."
-        state |= ln_params(b + "norm1", C, gen) | ln_params(b + "norm2", C, gen) | ln_params(b + "mlp.ffn_ln", hidden, gen)
+        state |= ln_params(b + "norm1", C, gen) | ln_params(b + "norm2", C, gen)
+        state |= ln_params(b + "mlp.ffn_ln", hidden, gen)
         for n in "qkv":
             state |= linear(b + f"attn.{n}_proj", C, C, gen, bias=False)
         state |= {b + "attn.q_bias": randn(C, gen=gen), b + "attn.v_bias": randn(C, gen=gen),
@@ -555,7 +558,8 @@ def eva02_reference(s, images, heads, patch, grid):
         a = torch.softmax(q @ k.transpose(-1, -2) / 8, -1) @ v
         x = x + a.transpose(1, 2).flatten(2) @ s[b + "attn.proj.weight"].T + s[b + "attn.proj.bias"]
         y = F.layer_norm(x, (C,), s[b + "norm2.weight"], s[b + "norm2.bias"], 1e-6)
-        g = F.silu(y @ s[b + "mlp.w1.weight"].T + s[b + "mlp.w1.bias"]) * (y @ s[b + "mlp.w2.weight"].T + s[b + "mlp.w2.bias"])
+        g = F.silu(y @ s[b + "mlp.w1.weight"].T + s[b + "mlp.w1.bias"])
+        g = g * (y @ s[b + "mlp.w2.weight"].T + s[b + "mlp.w2.bias"])
         g = F.layer_norm(g, g.shape[-1:], s[b + "mlp.ffn_ln.weight"], s[b + "mlp.ffn_ln.bias"], 1e-6)
         x = x + g @ s[b + "mlp.w3.weight"].T + s[b + "mlp.w3.bias"]
         i += 1
@@ -582,7 +586,8 @@ def test_eva02_loads_its_file_and_matches_a_by_hand_reference(tmp_path, tiny_arc
 def clip_upstream(C, depth, grid, patch, gen):
     """A random CLIP image tower in OpenAI's names (visual.*) with a text tower key beside it. The embedding
     is small, so that ln_pre's eps (1e-5) matters."""
-    state = {"conv1.weight": randn(C, 3, patch, patch, std=1e-3, gen=gen), "class_embedding": randn(C, std=1e-3, gen=gen),
+    state = {"conv1.weight": randn(C, 3, patch, patch, std=1e-3, gen=gen),
+             "class_embedding": randn(C, std=1e-3, gen=gen),
              "positional_embedding": randn(1 + grid * grid, C, std=1e-3, gen=gen), "proj": randn(C, 16, gen=gen)}
     state |= ln_params("ln_pre", C, gen) | ln_params("ln_post", C, gen)
     for i in range(depth):
@@ -670,7 +675,8 @@ def sam_upstream(C, depth, heads, gen):
     """A random SAM checkpoint: the image encoder at SAM's 1024-pixel grid (64 x 64, global tables of 127)
     under image_encoder., its neck, and a prompt-encoder key."""
     d = C // heads
-    state = {"patch_embed.proj.weight": randn(C, 3, 16, 16, std=0.05, gen=gen), "patch_embed.proj.bias": randn(C, gen=gen),
+    state = {"patch_embed.proj.weight": randn(C, 3, 16, 16, std=0.05, gen=gen),
+             "patch_embed.proj.bias": randn(C, gen=gen),
              "pos_embed": randn(1, 64, 64, C, gen=gen), "neck.0.weight": randn(8, C, 1, 1, gen=gen)}
     for i in range(depth):
         b = f"blocks.{i}."
@@ -706,7 +712,8 @@ def sam_reference(s, images, heads):
         score = q @ k.transpose(-1, -2) / math.sqrt(d)
         Rh, Rw = table(s[b + "attn.rel_pos_h"], a), table(s[b + "attn.rel_pos_w"], c)
         q4 = q.reshape(m, heads, a, c, d)
-        rel = torch.einsum("mhijd,ikd->mhijk", q4, Rh)[..., None] + torch.einsum("mhijd,jld->mhijl", q4, Rw)[..., None, :]
+        rel = (torch.einsum("mhijd,ikd->mhijk", q4, Rh)[..., None]
+               + torch.einsum("mhijd,jld->mhijl", q4, Rw)[..., None, :])
         out = torch.softmax(score + rel.reshape(m, heads, a * c, a * c), -1) @ v
         return (out.transpose(1, 2).reshape(m, a, c, C)) @ s[b + "attn.proj.weight"].T + s[b + "attn.proj.bias"]
 
@@ -783,16 +790,21 @@ def test_mae_loads_its_file_and_matches_a_by_hand_reference(tmp_path, tiny_archs
 
 
 def test_other_families_bad_files_are_named(tmp_path, tiny_archs):
-    """A file of another family, or of another size of the same family, is named as such."""
+    """A file of another family, or of another size of the same family, is named as such; so is a backbone file
+    given as a checkpoint, and an image that is no whole number of patches."""
     gen = torch.Generator().manual_seed(4)
     with torch.device("meta"):
         clip_model, sam_small = vit.build_vit("clip_vitt16"), vit.build_vit("sam_vits16")
     torch.save({"model": eva02_upstream(128, 4, 2, 16, 14, gen)}, tmp_path / "eva02.pt")
-    with pytest.raises(ValueError, match="eva02.pt has EVA02, width 128, 4 blocks: this is eva02_vitt14, not clip_vitt16"):
+    with pytest.raises(ValueError, match="eva02.pt has EVA02, width 128, 4 blocks: this is eva02_vitt14, not clip"):
         vit.load_pretrained(clip_model, tmp_path / "eva02.pt")
     torch.save(sam_upstream(64, 8, 2, gen), tmp_path / "sam.pth")
     with pytest.raises(ValueError, match="sam.pth has SAM, width 64, 8 blocks: this is sam_vitt16, not sam_vits16"):
         vit.load_pretrained(sam_small, tmp_path / "sam.pth")
+    with pytest.raises(ValueError, match="eva02.pt holds EVA02 backbone weights.*--weights"):
+        evaluation.load_checkpoint(tmp_path / "eva02.pt")
+    with pytest.raises(ValueError, match="200x328 is not a multiple of the patch size 16"):
+        vit.build_vit("sam_vitt16")(torch.zeros(1, 3, 200, 328))
     assert vit.resolve_source("eva02_vitl14").endswith("/eva02_L_pt_m38m_p14to16.pt")
     assert vit.resolve_source("sam_vith16").endswith("/sam_vit_h_4b8939.pth")
     assert vit.resolve_source("clip_vitl14").endswith("/ViT-L-14.pt")
@@ -1225,6 +1237,161 @@ def test_official_files_and_checkpoints_fail_clearly(tmp_path):
             load(tmp_path / "old.pt")
     with pytest.raises(ValueError, match="'lora'.*rein, freeze, full"):
         rein.build_model(method="lora")
+
+
+# ------------------------------------------------------------- Table 5's comparisons (rein.py, train.py)
+
+
+@pytest.mark.parametrize("method, backbone, expected", [
+    ("lora", "vitl14", 786_432), ("adaptformer", "vitl14", 3_171_840), ("vpt", "vitl14", 3_686_400),
+    ("lora", "eva02_vitl14", 1_179_648)])
+def test_table5_trainable_counts_are_the_papers(method, backbone, expected):
+    """Table 5: LoRA 0.79M, AdaptFormer 3.17M, VPT 3.69M on DINOv2-L, LoRA 1.18M on EVA02-L."""
+    with torch.device("meta"):
+        backbone_module = rein.ReinViT(vit.build_vit(backbone, 16), baseline=method)
+    assert rein.count_trainable(backbone_module) == expected
+
+
+@pytest.mark.parametrize("method", rein.BASELINES)
+def test_table5_methods_train_their_own_tensors_only(method, capsys):
+    """Two AdamW steps change exactly the trainable tensors (the method's and the head's), which a checkpoint
+    holds (one is not enough: what feeds a zero-initialised projection gets its first gradient at the
+    second); the head has its own queries; the count is printed at build time."""
+    model = small_model(method)
+    trainable = model.trainable_state_dict()
+    own = {"lora": ".lora_", "adaptformer": "backbone.adapters.", "vpt": "backbone.prompts."}[method]
+    assert {k for k in trainable if not k.startswith("head.")} == {k for k in trainable if own in k} != set()
+    assert "head.query_feat.weight" in trainable and "backbone.rein.scale" not in trainable
+    n = sum(v.numel() for k, v in trainable.items() if not k.startswith("head."))
+    printed = capsys.readouterr().out
+    assert f"{method} on vits14: {n:,} trainable parameters in the backbone ({method} {n:,})" in printed
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.param_groups(lr=1e-3, weight_decay=0.05))
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model.loss(torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32)))["loss"].backward()
+        optimizer.step()
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == set(trainable)
+
+
+@pytest.mark.parametrize("method", ["lora", "adaptformer"])
+def test_lora_and_adaptformer_start_as_the_frozen_backbone(method):
+    """B and the adapters' up projections start at zero: the maps are exactly the frozen backbone's."""
+    images = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        frozen, _ = small_model("freeze").backbone(images)
+        refined, _ = small_model(method).backbone(images)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, refined))
+
+
+def test_vpt_prompts_enter_every_block_and_never_reach_the_maps(tiny_archs):
+    """Before block i the prompt slots hold prompts[i] (the previous block's prompt outputs are dropped);
+    the maps are the patch tokens only."""
+    model = small_model("vpt").eval()
+    backbone = model.backbone
+    inputs, outputs = [], []
+    hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for b in backbone.vit.blocks]
+    hooks += [b.register_forward_hook(lambda m, args, out: outputs.append(out)) for b in backbone.vit.blocks]
+    with torch.no_grad():
+        maps, queries = backbone(torch.randn(2, 3, 48, 64))
+    for hook in hooks:
+        hook.remove()
+    m = backbone.prompts.prompts.shape[1]
+    assert queries is None and all(x.shape[1] == 1 + m + 12 for x in inputs)
+    for i, x in enumerate(inputs):
+        assert torch.equal(x[:, 1:1 + m], backbone.prompts.prompts[i].expand(2, -1, -1))
+    for k, i in enumerate(backbone.feature_blocks):
+        assert torch.equal(maps[k], outputs[i][:, 1 + m:].transpose(1, 2).reshape(2, -1, 3, 4))
+    with pytest.raises(ValueError, match="vpt cannot run on sam_vitt16"):
+        rein.build_model(method="vpt", backbone="sam_vitt16")
+
+
+@pytest.mark.parametrize("method", rein.BASELINES)
+def test_table5_methods_resume_exactly_and_evaluate(tmp_path, monkeypatch, method):
+    """A run of each method stopped by a signal after 2 of 3 iterations resumes to the uninterrupted run's
+    weights, and eval.py reads its checkpoint."""
+    argv = TINY_RUN + ["--method", method, "--iters", "3"]
+    train.main(train.parse_args(argv + ["--out", str(tmp_path / "straight")]))
+    step = train.Log.step
+
+    def stop_after_two(self, iteration, losses, lr):
+        step(self, iteration, losses, lr)
+        if iteration == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train.Log, "step", stop_after_two)
+    with pytest.raises(train.Interrupted):
+        train.main(train.parse_args(argv + ["--out", str(tmp_path / "resumed")]))
+    monkeypatch.setattr(train.Log, "step", step)
+    train.main(train.parse_args(argv + ["--out", str(tmp_path / "resumed")]))
+    a, b = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("straight", "resumed"))
+    assert a["iteration"] == b["iteration"] == 3 and a["model"].keys() == b["model"].keys()
+    assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-6) for k in a["model"])
+    results = evaluation.main(evaluation.parse_args(["--ckpt", str(tmp_path / "straight" / "last.pt"), "--data",
+                                                     "synthetic:night", "--workers", "0"]))
+    assert 0 <= results["synthetic:night"]["miou"] <= 1
+
+
+def test_pasta_multiplies_the_spectrum_by_its_documented_noise():
+    """The output's spectrum is the input's times a real factor (the phase kept up to sign), the mean of
+    the draws at f and -f, so spread sqrt(sigma(f)^2 + sigma(-f)^2) / 2, sigma growing from beta at the
+    lowest frequencies to alpha^k + beta at the highest; the mean colour is kept in expectation."""
+    h, w = 16, 24
+    y, x = np.mgrid[:h, :w]
+    waves = [(0, 3), (5, 0), (4, 7), (7, 11)]  # (row, column) frequencies
+    image = 128 + sum(20 * np.cos(2 * np.pi * (fy * y / h + fx * x / w)) for fy, fx in waves)
+    image = np.repeat(image[..., None], 3, -1).round().astype(np.uint8)  # grey, never clipped below
+    sigma = data.pasta_sigma(h, w, 0.4, 2, 0.02)
+    assert sigma[0, 0] == pytest.approx(0.02) and sigma.max() == pytest.approx(0.4**2 + 0.02)
+    assert sigma[0, 11] == pytest.approx(0.02 + (0.4 * 11 / math.hypot(7, 11)) ** 2)  # 24 wide: 0..11, then 11..0
+    spectrum = np.fft.fft2(image / 255, axes=(0, 1))
+    factors, means = [], []
+    for seed in range(400):
+        out = data.pasta(image, np.random.default_rng(seed), 0.4, 2, 0.02)
+        out_spectrum = np.fft.fft2(out / 255, axes=(0, 1))[..., 0]
+        factors.append([out_spectrum[fy, fx] / spectrum[fy, fx, 0] for fy, fx in [(0, 0)] + waves])
+        means.append(out.mean((0, 1)))
+    factors = np.array(factors)  # (draws, 1 + waves)
+    for i, (fy, fx) in enumerate(waves, start=1):
+        f = factors[:, i]
+        assert np.abs(f.imag).max() < 0.02  # only uint8 rounding: the phase is kept
+        spread = math.hypot(sigma[fy, fx], sigma[-fy % h, -fx % w]) / 2
+        assert f.real.std() == pytest.approx(spread, rel=0.15)
+        assert f.real.mean() == pytest.approx(1, abs=0.03)
+    assert factors[:, 0].real.std() == pytest.approx(0.02, rel=0.15)  # DC is its own mirror: sigma itself
+    assert np.abs(np.mean(means, 0) - image.mean((0, 1))).max() < 1.0
+
+
+def test_pasta_applies_to_training_crops_only():
+    """--augment pasta reaches the training set's transform, not the validation sets."""
+    args = vars(train.parse_args(TINY_RUN + ["--augment", "pasta"]))
+    assert data.dataset_kwargs("synthetic:game", "train", args)["pasta_args"] == (3.0, 2.0, 0.25)
+    assert "pasta_args" not in data.dataset_kwargs("synthetic:photo", "val", args)
+    plain = build_dataset("synthetic:game", None, "train", train=True, crop_size=32, image_size=(64, 32))
+    pasta = build_dataset("synthetic:game", None, "train", train=True, crop_size=32, image_size=(64, 32),
+                          pasta_args=(3.0, 2.0, 0.25))
+    a, b = plain.augment(0, np.random.default_rng(1)), pasta.augment(0, np.random.default_rng(1))
+    assert a[0].shape == b[0].shape and not torch.equal(a[0], b[0])
+
+
+def test_advstyle_step_raises_the_loss():
+    """AdvStyle's restyled batch has a higher loss than the batch it came from (gradient ascent on the
+    channel statistics), and the content of each image stays: same normalised pixels."""
+    model = small_model("freeze").train()
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
+    torch.manual_seed(0)
+    adv = train.adversarial_style(model, images, labels, 1.0, contextlib.nullcontext())
+    with torch.no_grad():
+        torch.manual_seed(1)
+        before = model.loss(images, labels)["loss"]
+        torch.manual_seed(1)
+        after = model.loss(adv, labels)["loss"]
+    assert after > before
+    standard = lambda x: (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True)
+    assert torch.allclose(standard(adv), standard(images), atol=1e-4)
+    assert all(p.grad is None for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2734,8 +2901,10 @@ def test_resume_with_other_options_is_refused_and_the_record_kept(tmp_path, caps
 @pytest.mark.parametrize("option, value, expected", [
     ("--iters", "0", "at least 1"), ("--iters", "-5", "at least 1"), ("--eval-every", "0", "at least 1"),
     ("--log-every", "0", "at least 1"), ("--window", "100", "multiple of the patch size 16"),
-    ("--head-layers", "2", "at least 3"), ("--method", "lora", "invalid choice"), ("--lr", "-1", "positive"),
-    ("--lr", "0", "positive"), ("--weight-decay", "-0.5", "at least 0"),
+    ("--head-layers", "2", "at least 3"), ("--method", "lora8", "invalid choice"), ("--lr", "-1", "positive"),
+    ("--lr", "0", "positive"), ("--weight-decay", "-0.5", "at least 0"), ("--augment", "cutmix", "invalid choice"),
+    ("--pasta-k", "0", "--pasta-k and --advstyle-lr positive"), ("--advstyle-lr", "-1", "positive; got 3.0, 0.25"),
+    ("--pasta-beta", "-0.1", "--pasta-beta must be at least 0"),
 ])
 def test_train_numeric_mistakes_are_named_before_anything_is_created(tmp_path, capsys, option, value, expected):
     """Each bad option exits with its name, its value and what was expected; no run folder is left behind."""

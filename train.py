@@ -3,10 +3,12 @@
 The demo, on any machine and with no download: a small random ViT learns synthetic street
 scenes of the flat "game" domain and is evaluated on all five domains (under 4 minutes on
 2 CPU cores). Then the paper's run, GTAV -> Cityscapes, BDD100K, Mapillary with DINOv2-L;
-the same on DINOv3-L (weights on request from Meta); on 8 GPUs; on 2 machines of 8:
+the same on EVA02-L (its official file downloads by name); on DINOv3-L (weights on request
+from Meta); on 8 GPUs; on 2 machines of 8:
 
     python train.py
     python train.py --data gta --val cityscapes,bdd,mapillary --backbone vitl14 --weights vitl14
+    python train.py --data gta --val cityscapes,bdd,mapillary --backbone eva02_vitl14
     python train.py --data gta --backbone dinov3_vitl16 --weights dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth
     torchrun --nproc_per_node 8 train.py --data gta --val cityscapes,bdd,mapillary
     torchrun --nnodes 2 --node-rank 0 --nproc_per_node 8 --master-addr HOST --master-port 29500 \\
@@ -92,17 +94,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=PRESETS, help="defaults for every option left out; default: demo for "
                                                       "synthetic data, paper for any other --data")
     p.add_argument("--method", default="rein", choices=rein.METHODS,
-                   help="rein: Rein and the head train; freeze: the head only; full: everything")
+                   help="rein: Rein and the head train; freeze: the head only; full: everything; the paper's "
+                        "Table 5: lora (rank 8 on qkv), adaptformer (64-wide adapters beside the FFNs), vpt (150 "
+                        "prompts per block), each with the head")
+    p.add_argument("--augment", choices=("pasta", "advstyle"),
+                   help="a domain-generalisation augmentation on top of the recipe's: pasta (Fourier amplitude "
+                        "noise on each training image) or advstyle (adversarial channel statistics, doubling "
+                        "the batch)")
+    p.add_argument("--pasta-alpha", type=float, default=3.0, help="PASTA: how much more fine detail varies")
+    p.add_argument("--pasta-k", type=float, default=2.0, help="PASTA: the growth law's exponent")
+    p.add_argument("--pasta-beta", type=float, default=0.25, help="PASTA: the noise spread at every frequency")
+    p.add_argument("--advstyle-lr", type=float, default=1.0,
+                   help="AdvStyle's step size (the paper's is not published; 1.0 is a public re-implementation's)")
     p.add_argument("--backbone", help="DINOv2: vits14, vitb14, vitl14 or vitg14, optionally with _reg4; DINOv3: "
-                                      "dinov3_vits16, dinov3_vits16plus, dinov3_vitb16, dinov3_vitl16, dinov3_vith16plus; "
-                                      "EVA02: eva02_vitb14, eva02_vitl14; CLIP: clip_vitb16, clip_vitl14; SAM: "
-                                      "sam_vitb16, sam_vitl16, sam_vith16; MAE: mae_vitb16, mae_vitl16")
+                                      "dinov3_vits16, dinov3_vits16plus, dinov3_vitb16, dinov3_vitl16, "
+                                      "dinov3_vith16plus; EVA02: eva02_vitb14, eva02_vitl14; CLIP: clip_vitb16, "
+                                      "clip_vitl14; SAM: sam_vitb16, sam_vitl16, sam_vith16; MAE: mae_vitb16, "
+                                      "mae_vitl16")
     p.add_argument("--weights", help="backbone weights: a path, a URL, or a backbone name such as vitl14 or "
                                      "eva02_vitl14 (its official file, downloaded once; DINOv3's are gated); default "
                                      "under the paper preset: the backbone's own official weights")
     p.add_argument("--no-weights", action="store_true", help="a random backbone")
-    p.add_argument("--patch-size", type=int, help="the ViT's patch in pixels; DINOv2's 14 is converted to it "
-                                                  "while loading, as the official release does")
+    p.add_argument("--patch-size", type=int, help="the ViT's patch in pixels; a patch-14 kernel (DINOv2, EVA02, "
+                                                  "CLIP-L) is converted to it while loading, as the official "
+                                                  "release does")
     p.add_argument("--crop-size", type=int, help="side of the square training crops in pixels, a multiple of the "
                                                  "patch size")
     p.add_argument("--batch-size", type=int, help="global: crops per step over all processes")
@@ -139,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.no_weights:
         args.weights = None
     elif args.weights is None and args.preset == "paper":
-        args.weights = args.backbone  # a DINOv2 name downloads; a DINOv3 one says where to get the file
+        args.weights = args.backbone  # a name downloads its official file; a DINOv3 one says where to get it
     check_numbers(p, args)
     name, _, root = args.data.partition("=")
     own = name.strip() == "folder" and root  # a user's folder names its run
@@ -164,6 +179,9 @@ def check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.window % args.patch_size:
         p.error(f"--window {args.window} must be a multiple of the patch size {args.patch_size}, "
                 f"e.g. {max(args.window // args.patch_size, 1) * args.patch_size}")
+    if args.pasta_alpha < 0 or args.pasta_k <= 0 or args.pasta_beta < 0 or args.advstyle_lr <= 0:
+        p.error(f"--pasta-alpha and --pasta-beta must be at least 0, --pasta-k and --advstyle-lr positive; got "
+                f"{args.pasta_alpha}, {args.pasta_beta}, {args.pasta_k} and {args.advstyle_lr}")
     if args.head_dim % 8:
         p.error(f"--head-dim must be a multiple of 8 (8 attention heads), got {args.head_dim}")
 
@@ -287,8 +305,29 @@ def build(args: argparse.Namespace, device: torch.device, world_size: int, *, nu
     return model, ddp, optimizer, schedule
 
 
-def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, autocast) -> dict[str, torch.Tensor]:
-    """Forward and backward; `model` may be the DDP wrapper, which averages the gradients."""
+def adversarial_style(model, images: torch.Tensor, labels: torch.Tensor, lr: float, autocast) -> torch.Tensor:
+    """AdvStyle (Zhong et al., NeurIPS 2022): each image's per-channel mean and standard deviation,
+    its style, taken as parameters and moved by one step of gradient ascent on the loss, step size
+    `lr`; returns the restyled images (B, 3, H, W). `model` is the plain model, not DDP's wrapper:
+    this pass computes no weight gradients, only the styles'."""
+    mean = images.mean(dim=(2, 3), keepdim=True)
+    std = images.std(dim=(2, 3), keepdim=True) + 1e-6
+    content = ((images - mean) / std).detach()
+    mean, std = mean.detach().requires_grad_(), std.detach().requires_grad_()
+    with autocast:
+        loss = model(content * std + mean, labels)["loss"]
+    grad_mean, grad_std = torch.autograd.grad(loss, (mean, std))
+    return (content * (std + lr * grad_std) + mean + lr * grad_mean).detach()
+
+
+def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, autocast,
+               advstyle_lr: float | None = None) -> dict[str, torch.Tensor]:
+    """Forward and backward; `model` may be the DDP wrapper, which averages the gradients. With
+    `advstyle_lr`, the batch is trained together with its AdvStyle copies (twice the images)."""
+    if advstyle_lr is not None:
+        plain = model.module if isinstance(model, DistributedDataParallel) else model
+        images = torch.cat([images, adversarial_style(plain, images, labels, advstyle_lr, autocast)])
+        labels = torch.cat([labels, labels])
     with autocast:
         losses = model(images, labels)
     optimizer.zero_grad(set_to_none=True)
@@ -598,7 +637,8 @@ def loop(args, run: dict, trained: tuple, stream, val_sets, classes, device, aut
         while run["iteration"] < args.iters:
             run["epoch"], run["position"], (images, labels) = next(stream)
             losses = train_step(ddp, optimizer, images.to(device, non_blocking=True),
-                                labels.to(device, non_blocking=True), autocast)
+                                labels.to(device, non_blocking=True), autocast,
+                                args.advstyle_lr if args.augment == "advstyle" else None)
             # One small all-reduce per step, so that every rank agrees on a NaN or a signal.
             flags = any_rank([not torch.isfinite(losses["loss"]), stop["signal"]], device)
             if flags[0]:

@@ -23,8 +23,9 @@ feed-forward network:
   but for four global blocks, decomposed relative positions;
 - MAE (He et al. 2022): the plain ViT with a fixed sin-cos position table.
 Parameter names are DINOv2's (the names of timm's ViT). DINOv2, DINOv3 and MAE files load
-as they are; EVA02, CLIP and SAM files go through their family's name table (`EVA02_NAMES`,
-`CLIP_NAMES`, `SAM_NAMES`) as they load. rein.py runs the blocks one at a time:
+as they are; CLIP and SAM files go through their family's name table (`CLIP_NAMES`,
+`SAM_NAMES`), and EVA02's separate q, k, v are fused (`fuse_eva02_qkv`), as they load;
+`UNUSED` names what an upstream file holds that no model here uses. rein.py runs the blocks one at a time:
 `prepare_tokens` gives the input tokens and the patch grid, `rope` the rotation for that
 grid, `blocks` are the blocks.
 """
@@ -144,7 +145,7 @@ class LinearKMaskedBias(nn.Linear):
 def rotate(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
     """RoPE, rotate-half form: x (..., n, D) with its two halves [x1, x2] paired dim j with j + D/2:
     x * cos + [-x2, x1] * sin, in float32 as DINOv3 computes it. (EVA02 pairs neighbouring
-    dims; its q and k rows are reordered as they load, see `EVA02_NAMES`, to the same scores.)"""
+    dims; its q and k rows are reordered as they load, see `fuse_eva02_qkv`, to the same scores.)"""
     sin, cos = rope
     x1, x2 = x.float().chunk(2, dim=-1)
     return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
@@ -166,7 +167,8 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, grid: tuple[int, int] = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
+                grid: tuple[int, int] | None = None) -> Tensor:
         """(B, N, C) -> (B, N, C); rope: sin and cos (h*w, head_dim) for the last h*w tokens."""
         B, N, C = x.shape
         q, k, v = self.split_heads(x)
@@ -198,7 +200,8 @@ class WindowAttention(Attention):
         self.rel_pos_h = nn.Parameter(torch.zeros(table, dim // num_heads))
         self.rel_pos_w = nn.Parameter(torch.zeros(table, dim // num_heads))
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, grid: tuple[int, int] = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
+                grid: tuple[int, int] | None = None) -> Tensor:
         """x (B, h*w, C), the patches row by row on the grid (h, w) -> (B, h*w, C)."""
         B, N, C = x.shape
         h, w = grid
@@ -313,9 +316,11 @@ class Block(nn.Module):
         self.mlp = feed_forward(ffn, dim)
         self.ls2 = LayerScale(dim=dim) if family.layer_scale else nn.Identity()
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, grid: tuple[int, int] = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, grid: tuple[int, int] | None = None,
+                adapter: nn.Module | None = None) -> Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), rope, grid))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        # `adapter`: a branch beside the FFN fed the same residual stream (AdaptFormer, in rein.py).
+        return x + self.ls2(self.mlp(self.norm2(x))) + (adapter(x) if adapter is not None else 0)
 
 
 # ------------------------------------------------------------------------------------- positions
@@ -420,9 +425,8 @@ class VisionTransformer(nn.Module):
         self.patch_embed.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size, bias=spec.patch_bias)
         if spec.ln_pre:
             self.ln_pre = nn.LayerNorm(dim, eps=spec.eps)
-        self.blocks = nn.ModuleList(
-            Block(dim=dim, num_heads=num_heads, ffn=ffn, family=spec, window=0 if i in self.global_blocks else SAM_WINDOW)
-            for i in range(depth))
+        self.blocks = nn.ModuleList(Block(dim=dim, num_heads=num_heads, ffn=ffn, family=spec,
+                                          window=0 if i in self.global_blocks else SAM_WINDOW) for i in range(depth))
         self.norm = nn.LayerNorm(dim, eps=spec.eps) if spec.final_norm else nn.Identity()
         for p in (getattr(self, "cls_token", None), self.extra_tokens, getattr(self, "pos_embed", None)):
             if p is not None:
