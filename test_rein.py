@@ -924,7 +924,7 @@ def test_rein_backbone_trainable_counts_per_method(capsys):
     """rein: only Rein trains in the backbone; freeze: nothing; full: all of the ViT but the two parts
     segmentation never uses, the pre-training mask token and the final norm. The count is printed."""
     counts = {}
-    for method in rein.METHODS:
+    for method in ("rein", "freeze", "full"):
         model = small_model(method)
         counts[method] = rein.count_trainable(model.backbone)
         assert f"{counts[method]:,} trainable parameters in the backbone" in capsys.readouterr().out
@@ -1099,7 +1099,8 @@ def test_rein_checkpoint_holds_only_what_trains(tmp_path):
 
 
 def test_rein_param_groups():
-    """No decay on norms, tokens, scale, query features, query and level embeddings; full trains the ViT at 0.1x."""
+    """No decay on norms, tokens, VPT's prompts, scale, query features, query and level embeddings; full trains
+    the ViT at 0.1x (LoRA's tensors inside the ViT at the full rate)."""
     for method in rein.METHODS:
         model = small_model(method)
         groups = model.param_groups(lr=1e-4, weight_decay=0.05)
@@ -1108,8 +1109,8 @@ def test_rein_param_groups():
         assert len(by_param) == sum(p.requires_grad for p in model.parameters())
         for pid, (lr, wd) in by_param.items():
             name = names[pid]
-            assert lr == pytest.approx(1e-5 if name.startswith("backbone.vit.") else 1e-4), name
-            no_decay = "norm" in name or "learnable_tokens" in name or name.endswith("rein.scale") \
+            assert lr == pytest.approx(1e-5 if method == "full" and name.startswith("backbone.vit.") else 1e-4), name
+            no_decay = "norm" in name or "learnable_tokens" in name or "prompts" in name or name.endswith("rein.scale") \
                 or "query_feat" in name or "query_embed" in name or "level_embed" in name
             assert wd == (0.0 if no_decay else 0.05), name
 
@@ -1235,8 +1236,8 @@ def test_official_files_and_checkpoints_fail_clearly(tmp_path):
     for load in (evaluation.load_checkpoint, lambda p: train.load_resume(p, model, {}, "")):
         with pytest.raises(ValueError, match="old.pt .*FPN"):
             load(tmp_path / "old.pt")
-    with pytest.raises(ValueError, match="'lora'.*rein, freeze, full"):
-        rein.build_model(method="lora")
+    with pytest.raises(ValueError, match="'lora8'.*rein, freeze, full, lora, adaptformer, vpt"):
+        rein.build_model(method="lora8")
 
 
 # ------------------------------------------------------------- Table 5's comparisons (rein.py, train.py)
@@ -1374,6 +1375,20 @@ def test_pasta_applies_to_training_crops_only():
                           pasta_args=(3.0, 2.0, 0.25))
     a, b = plain.augment(0, np.random.default_rng(1)), pasta.augment(0, np.random.default_rng(1))
     assert a[0].shape == b[0].shape and not torch.equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("augment", ["pasta", "advstyle"])
+def test_augmentations_run_in_train_py(tmp_path, augment, monkeypatch):
+    """--augment reaches the loop: PASTA on every training image, AdvStyle doubling each batch."""
+    seen = []
+    step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a: seen.append((a[2].shape[0], a[5])) or step(*a))
+    calls = []
+    pasta = data.pasta
+    monkeypatch.setattr(data, "pasta", lambda *a: calls.append(a[0].shape) or pasta(*a))
+    train.main(train.parse_args(TINY_RUN + ["--augment", augment, "--iters", "2", "--out", str(tmp_path)]))
+    assert seen == [(2, 1.0 if augment == "advstyle" else None)] * 2
+    assert len(calls) == (4 if augment == "pasta" else 0) and all(c == (32, 64, 3) for c in calls)
 
 
 def test_advstyle_step_raises_the_loss():
