@@ -419,12 +419,30 @@ def make_targets(labels: Tensor, num_classes: int) -> Targets:
     if bad.any():
         raise ValueError(f"labels must hold class ids 0..{num_classes - 1} or {IGNORE} (ignore); "
                          f"found {labels[bad].unique().tolist()}")
-    targets = []
-    for label in labels:
-        # Counting beats unique(), which sorts every pixel; ignored pixels belong to no mask.
-        classes = torch.bincount(label.flatten(), minlength=num_classes)[:num_classes].nonzero()[:, 0]
-        targets.append((classes, (label == classes[:, None, None]).float()))  # (T,), (T, H, W)
-    return targets
+    B = len(labels)
+    # Counting beats unique(), which sorts every pixel. One count for the whole batch, image b's
+    # classes in bins b * (K + 1) + class; ignored pixels go to each image's last bin, no mask's.
+    bins = labels.clamp(max=num_classes) + torch.arange(B, device=labels.device)[:, None, None] * (num_classes + 1)
+    counts = torch.bincount(bins.flatten(), minlength=B * (num_classes + 1)).view(B, num_classes + 1)
+    present = counts[:, :num_classes].nonzero()  # (sum T, 2): (image, class), image by image
+    per_image = present[:, 1].split(torch.bincount(present[:, 0], minlength=B).tolist())
+    return [(classes, (label == classes[:, None, None]).float()) for label, classes in zip(labels, per_image)]
+
+
+def matched_pairs(matches: list[Tensor], device: torch.device) -> list[list[tuple[Tensor, Tensor]]]:
+    """The matcher's host output (per image (L, T), the query of each target or -1) -> per
+    prediction, per image, the matched pairs' target and query indices, (n,) and (n,) on
+    `device`: all of them in one copy, which the host does not wait for."""
+    pieces = []
+    for i in range(matches[0].shape[0]):
+        for match in matches:
+            matched = (match[i] >= 0).nonzero()[:, 0]  # on the host: no wait
+            pieces += [matched, match[i, matched]]
+    flat = torch.cat(pieces)
+    flat = (flat.pin_memory() if device.type == "cuda" else flat).to(device, non_blocking=True)
+    flat = flat.split([len(piece) for piece in pieces])
+    B = len(matches)
+    return [[(flat[2 * (i * B + b)], flat[2 * (i * B + b) + 1]) for b in range(B)] for i in range(len(flat) // (2 * B))]
 
 
 def point_sample(masks: Tensor, points: Tensor) -> Tensor:
@@ -447,19 +465,22 @@ class HungarianMatcher:
 
     @torch.no_grad()
     def __call__(self, predictions: Predictions, features: Tensor, targets: Targets) -> list[Tensor]:
-        """Per image int64 (L, T): the query matched to each target in each of the L predictions,
-        -1 if none (more targets than queries). An image's L cost matrices go to the CPU
-        together and are solved in one batch."""
+        """Per image int64 (L, T) on the CPU: the query matched to each target in each of the L
+        predictions, -1 if none (more targets than queries). Every cost matrix of the batch goes
+        to the CPU in one copy (the host waits for the device once), each image's L are solved
+        in one batch."""
+        L, Q = len(predictions), predictions[0][0].shape[1]
+        # An image without a labelled pixel has no target, and no cost to compute.
+        costs = [self.cost([(c[b], e[b]) for c, e in predictions], features[b], classes, masks) if len(classes)
+                 else features.new_empty(L, Q, 0) for b, (classes, masks) in enumerate(targets)]  # (L, Q, T)
+        flat = torch.cat([cost.flatten() for cost in costs]).cpu().numpy()
         matches = []
-        for b, (classes, masks) in enumerate(targets):
-            if not len(classes):  # no labelled pixel
-                matches.append(torch.empty(len(predictions), 0, dtype=torch.int64, device=classes.device))
-                continue
-            cost = self.cost([(c[b], e[b]) for c, e in predictions], features[b], classes, masks)  # (L, Q, T)
-            rows, cols = linear_sum_assignment_batch(cost.cpu().numpy())  # queries (L, n), targets (L, n)
+        for cost, host in zip(costs, np.split(flat, np.cumsum([cost.numel() for cost in costs])[:-1])):
             query = np.full(cost.shape[::2], -1)
-            np.put_along_axis(query, cols, rows, 1)
-            matches.append(torch.from_numpy(query).to(classes.device))
+            if cost.numel():
+                rows, cols = linear_sum_assignment_batch(host.reshape(cost.shape))  # queries (L, n), targets (L, n)
+                np.put_along_axis(query, cols, rows, 1)
+            matches.append(torch.from_numpy(query))
         return matches
 
     def cost(self, predictions: list[tuple[Tensor, Tensor]], features: Tensor, classes: Tensor,
@@ -577,6 +598,7 @@ class SetCriterion(nn.Module):
         self.class_weight, self.mask_weight, self.dice_weight = class_weight, mask_weight, dice_weight
         self.matcher = HungarianMatcher(num_points=num_points, class_weight=class_weight, mask_weight=mask_weight,
                                         dice_weight=dice_weight)
+        self.no_object_weight = no_object_weight
         self.register_buffer("ce_weight", torch.tensor([1.0] * num_classes + [no_object_weight]), persistent=False)
 
     def forward(self, predictions: Predictions, mask_features: Tensor, labels: Tensor) -> dict[str, Tensor]:
@@ -597,15 +619,15 @@ class SetCriterion(nn.Module):
                 nan = everything * float("nan")
                 return {"loss": nan, "loss_ce": nan, "loss_mask": nan, "loss_dice": nan}
             matches = self.matcher(predictions, features, targets)  # per image (L, T): the query of each target
+            pairs = matched_pairs(matches, features.device)  # per prediction, per image (targets, queries)
             num_masks, ce_weight_sum = self.normalisers(targets, num_queries=predictions[0][0].shape[1])
             # Each image's features once: a slice per image and prediction would fill a
             # zero gradient of the whole batch's features for each in the backward.
             per_image = features.unbind(0)
             loss_ce = loss_mask = loss_dice = 0
-            for i, (class_logits, embedding) in enumerate(predictions):
-                queries = [match[i] for match in matches]  # per image (T,)
-                loss_ce = loss_ce + self.class_loss(class_logits, targets, queries)
-                bce, dice = self.mask_losses(embedding, per_image, targets, queries)
+            for (class_logits, embedding), prediction_pairs in zip(predictions, pairs):
+                loss_ce = loss_ce + self.class_loss(class_logits, targets, prediction_pairs)
+                bce, dice = self.mask_losses(embedding, per_image, targets, prediction_pairs)
                 loss_mask, loss_dice = loss_mask + bce, loss_dice + dice
             loss_ce, loss_mask, loss_dice = loss_ce / ce_weight_sum, loss_mask / num_masks, loss_dice / num_masks
         loss = self.class_weight * loss_ce + self.mask_weight * loss_mask + self.dice_weight * loss_dice
@@ -620,33 +642,32 @@ class SetCriterion(nn.Module):
         matched = sum(min(len(classes), num_queries) for classes, _ in targets)
         unmatched = len(targets) * num_queries - matched
         device = self.ce_weight.device
-        totals = torch.tensor([matched, matched + unmatched * self.ce_weight[-1].item()], device=device)
+        totals = torch.tensor([matched, matched + unmatched * self.no_object_weight], device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)
             totals = totals / dist.get_world_size()
         return totals[0].clamp(min=1), totals[1]
 
-    def class_loss(self, class_logits: Tensor, targets: Targets, queries: list[Tensor]) -> Tensor:
+    def class_loss(self, class_logits: Tensor, targets: Targets, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Weighted cross-entropy summed over every query: unmatched ones learn "no object" (weight 0.1).
-        class_logits (B, Q, K+1); queries: per image (T,), the query matched to each target or -1."""
+        class_logits (B, Q, K+1); pairs: per image, the matched pairs' target and query indices (n,), (n,)."""
         B, Q, K1 = class_logits.shape
         target = torch.full((B, Q), K1 - 1, device=class_logits.device)
-        for b, ((classes, _), query) in enumerate(zip(targets, queries)):
-            target[b, query[query >= 0]] = classes[query >= 0]
+        for b, ((classes, _), (t, q)) in enumerate(zip(targets, pairs)):
+            target[b, q] = classes[t]
         return F.cross_entropy(class_logits.flatten(0, 1), target.flatten(), weight=self.ce_weight, reduction="sum")
 
     def mask_losses(self, embedding: Tensor, features: tuple[Tensor, ...], targets: Targets,
-                    queries: list[Tensor]) -> tuple[Tensor, Tensor]:
+                    pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         """Sigmoid BCE and dice of one prediction's matched masks on their most uncertain points, summed.
 
-        embedding (B, Q, C); features: per image (C, h, w); queries: per image (T,), as for class_loss.
+        embedding (B, Q, C); features: per image (C, h, w); pairs: per image, as for class_loss.
         """
         pred, target = [], []
-        for b, ((_, masks), query, feature) in enumerate(zip(targets, queries, features)):
-            matched = query >= 0
-            pred.append(mask_logits(embedding[b, query[matched]][None], feature[None])[0])  # (n_b, h, w)
+        for b, ((_, masks), (t, q), feature) in enumerate(zip(targets, pairs, features)):
+            pred.append(mask_logits(embedding[b, q][None], feature[None])[0])  # (n_b, h, w)
             # Unless there are more targets than queries, every target is matched and nothing is copied.
-            target.append(masks if matched.all() else masks[matched])  # (n_b, H, W)
+            target.append(masks if len(t) == len(masks) else masks[t])  # (n_b, H, W)
         pred = torch.cat(pred)  # (n, h, w)
         if not len(pred):
             # No labelled pixel in the batch. DDP needs every parameter in the graph on every

@@ -35,12 +35,14 @@ import resource
 import shutil
 import signal
 import socket
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -146,6 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone and the head")
     p.add_argument("--grad-ckpt", action="store_true", help="recompute the frozen blocks in backward: less memory")
     p.add_argument("--bench", type=int, metavar="N", help="time N training steps on random inputs, then exit")
+    p.add_argument("--bench-data", type=int, metavar="N",
+                   help="time N batches of the training data pipeline (PNG decoding, augmentation, crops) with "
+                        "--workers processes, on GTAV-sized pairs it writes itself, then exit")
     args = p.parse_args(argv)
     args.preset = args.preset or ("demo" if args.data.startswith("synthetic") else "paper")
     for key, value in PRESETS[args.preset].items():
@@ -165,7 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every numeric option in range, so that a mistake is named before anything is created."""
     at_least = dict(iters=1, crop_size=1, patch_size=1, num_queries=1, head_dim=8, head_layers=3, encoder_layers=0,
-                    num_points=1, eval_every=1, save_every=1, log_every=1, window=1, stride=1, bench=1)
+                    num_points=1, eval_every=1, save_every=1, log_every=1, window=1, stride=1, bench=1,
+                    bench_data=1)
     for key, low in at_least.items():
         if getattr(args, key) is not None and getattr(args, key) < low:
             p.error(f"--{key.replace('_', '-')} must be at least {low}, got {getattr(args, key)}")
@@ -540,6 +546,47 @@ def validate(model, val_sets, args, device, iteration: int, rank: int, stop) -> 
     return results
 
 
+GTA_SIZE = (1914, 1052)  # GTAV's frames, width x height
+
+
+def write_gta_like(root: Path, count: int, size: tuple[int, int]) -> None:
+    """`count` synthetic street scenes of the photo domain saved as GTAV ships its data,
+    root/images/NNNNN.png and root/labels/NNNNN.png of Cityscapes label ids, `size` (w, h). Their
+    PNGs weigh what GTAV's do, 3 to 4 MB a frame at its size."""
+    to_label_id = np.zeros(256, dtype=np.uint8)  # train id -> a Cityscapes label id; 0 (unlabelled) else
+    for label_id, train_id in data.CITYSCAPES_ID_TO_TRAIN.items():
+        to_label_id[train_id] = label_id
+    scenes = data.build_dataset("synthetic:photo", None, "train", train=False, image_size=size, length=count)
+    for folder in ("images", "labels"):
+        (root / folder).mkdir(parents=True)
+    for i in range(count):
+        rgb, train_ids = scenes.read(i)
+        Image.fromarray(rgb).save(root / "images" / f"{i:05d}.png")
+        Image.fromarray(to_label_id[train_ids]).save(root / "labels" / f"{i:05d}.png")
+
+
+def benchmark_data(args) -> None:
+    """Training images per second the data pipeline delivers: GTAV-sized PNG pairs read, augmented
+    (the paper's recipe, and --augment pasta if given) and cropped by --workers processes, as
+    training reads them, after one batch of warm-up."""
+    with tempfile.TemporaryDirectory() as folder:
+        write_gta_like(Path(folder), 2 * args.batch_size, GTA_SIZE)
+        train_set = data.build_dataset("gta", folder, "train", train=True, crop_size=args.crop_size,
+                                       **data.dataset_kwargs("gta", "train", vars(args)))
+        sampler = TrainSampler(train_set, seed=args.seed, rank=0, world_size=1)
+        loader = torch.utils.data.DataLoader(Augmented(train_set), batch_size=args.batch_size, sampler=sampler,
+                                             drop_last=True, num_workers=args.workers,
+                                             persistent_workers=args.workers > 0)
+        stream = batches(loader, sampler, epoch=0, position=0)
+        next(stream)
+        start = time.perf_counter()
+        for _ in range(args.bench_data):
+            next(stream)
+        rate = args.bench_data * args.batch_size / (time.perf_counter() - start)
+    print(f"bench-data: {rate:.1f} images/s from {GTA_SIZE[0]}x{GTA_SIZE[1]} PNG pairs to {args.crop_size}x"
+          f"{args.crop_size} crops, {args.workers} workers on {os.cpu_count()} cores")
+
+
 def benchmark(model, optimizer, args, device, autocast, per_rank: int) -> None:
     """Median time of a training step on random inputs of the real size, after 3 warm-up steps."""
     images = torch.randn(per_rank, 3, args.crop_size, args.crop_size, device=device)
@@ -586,6 +633,9 @@ def train(args: argparse.Namespace, device: torch.device, rank: int, world_size:
         raise ValueError(f"--batch-size {args.batch_size} is the global batch and must divide among "
                          f"{world_size} processes")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not args.fp32)
+    if args.bench_data:
+        benchmark_data(args)
+        return {}
     if args.bench:
         model, ddp, optimizer, _ = build(args, device, world_size, num_classes=19)
         benchmark(ddp, optimizer, args, device, autocast, args.batch_size // world_size)
