@@ -87,14 +87,8 @@ class PresetHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) if action.default is not None else action.help or ""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train Rein for domain-generalised semantic segmentation.",
-                                formatter_class=PresetHelp, epilog=PROGRESS_HELP)
-    p.add_argument("--data", default="synthetic:game",
-                   help="training data, NAME[=ROOT]; sources joined by +, e.g. gta+synthia (see data.py)")
-    p.add_argument("--val", help="validation datasets, NAME[=ROOT],...; default: the usual targets found under data/")
-    p.add_argument("--preset", choices=PRESETS, help="defaults for every option left out; default: demo for "
-                                                      "synthetic data, paper for any other --data")
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that choose what trains: the method, an augmentation, the backbone and its weights."""
     p.add_argument("--method", default="rein", choices=rein.METHODS,
                    help="rein: Rein and the head train; freeze: the head only; full: everything; the paper's "
                         "Table 5: lora (rank 8 on qkv), adaptformer (64-wide adapters beside the FFNs), vpt (150 "
@@ -120,6 +114,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patch-size", type=int, help="the ViT's patch in pixels; a patch-14 kernel (DINOv2, EVA02, "
                                                   "CLIP-L) is converted to it while loading, as the official "
                                                   "release does")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train Rein for domain-generalised semantic segmentation.",
+                                formatter_class=PresetHelp, epilog=PROGRESS_HELP)
+    p.add_argument("--data", default="synthetic:game",
+                   help="training data, NAME[=ROOT]; sources joined by +, e.g. gta+synthia (see data.py)")
+    p.add_argument("--val", help="validation datasets, NAME[=ROOT],...; default: the usual targets found under data/")
+    p.add_argument("--preset", choices=PRESETS, help="defaults for every option left out; default: demo for "
+                                                      "synthetic data, paper for any other --data")
+    add_model_arguments(p)
     p.add_argument("--crop-size", type=int, help="side of the square training crops in pixels, a multiple of the "
                                                  "patch size")
     p.add_argument("--batch-size", type=int, help="global: crops per step over all processes")
